@@ -1,0 +1,56 @@
+"""The one exception hierarchy of elastic-ep.
+
+Callers catch by type, never by message text. Every message names the offending
+thing (layer, rank, file, tensor, key) and, where there is one, the fix.
+
+    ElasticEPError
+    ├── ConfigError            bad arguments or configuration
+    ├── PlacementError         a placement breaks an invariant
+    ├── RankMappingError       an invalid old_rank -> new_rank mapping
+    ├── PlanError              a transfer plan that is malformed or cannot be built
+    │   └── StaleEpochError    a plan or ack from an epoch older than the one seen
+    ├── CheckpointError        safetensors files: missing, corrupt, wrong shape or dtype
+    └── TransportError         a peer transfer failed or timed out
+"""
+
+from __future__ import annotations
+
+
+class ElasticEPError(Exception):
+    """Base of every error raised by elastic-ep."""
+
+
+class ConfigError(ElasticEPError, ValueError):
+    """Arguments or configuration that cannot work (sizes, names, ranges)."""
+
+
+class PlacementError(ElasticEPError, ValueError):
+    """A placement that breaks an invariant; the message names the layer."""
+
+
+class RankMappingError(ElasticEPError, ValueError):
+    """A rank mapping that is not dense, not ordered or out of range."""
+
+
+class PlanError(ElasticEPError, ValueError):
+    """A transfer plan that is malformed, inconsistent or of an unknown schema."""
+
+
+class StaleEpochError(PlanError):
+    """A plan or message from an epoch older than the newest one seen."""
+
+    def __init__(self, what: str, epoch: int, newest: int) -> None:
+        super().__init__(
+            f"{what} carries epoch {epoch}, older than the newest seen epoch {newest}; "
+            "it is refused (epochs only increase)"
+        )
+        self.epoch = epoch
+        self.newest = newest
+
+
+class CheckpointError(ElasticEPError):
+    """A safetensors checkpoint that is missing, corrupt or does not match."""
+
+
+class TransportError(ElasticEPError):
+    """A peer transfer that failed, or a peer that did not answer in time."""

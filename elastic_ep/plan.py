@@ -1,0 +1,352 @@
+"""Transfer planning: for every destination slot whose logical expert changes, where its
+weights come from.
+
+Ranks are numbered two ways in a plan: a transfer's *destination* is a rank of the new
+numbering (``dst_rank``, ``0 .. new_ep_size-1``); a *source* is a process that exists
+now, so it is named by its old rank (``Source.rank``), or :data:`DISK`. The rank
+mapping in the plan translates between the two.
+
+Each transfer lists its sources in the order to try them: a copy already on the
+destination's own GPU (``local``), then live peers (``peer``: same node first, the
+first choice spread so that no rank sends far more than the others), then ``disk``.
+A logical expert with no live replica is *missing*: its transfers list only disk.
+Sources are read in place from the weights each rank registered: an expert read by
+several destinations is read once per destination and never staged on the source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import PlanError
+from .placement import ExpertPlacement
+from .rank_mapping import RankMapping
+
+SCHEMA_VERSION = 1
+DISK = -1
+"""``Source.rank`` of the safetensors checkpoint."""
+
+Route = Literal["local", "peer", "disk"]
+ROUTES: tuple[Route, ...] = ("local", "peer", "disk")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a slot's weights can be read: ``rank`` (old numbering) and its local
+    ``slot``, or ``rank == DISK`` (then ``slot == -1``). ``route`` is derived from the
+    destination: ``local`` when the source is the destination's own process."""
+
+    rank: int
+    slot: int
+    route: Route
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Fill local slot ``dst_slot`` of new rank ``dst_rank`` in MoE layer ``layer`` with
+    logical expert ``logical``, trying ``sources`` in order (the last is always disk).
+
+    Example: ``Transfer(layer=3, dst_rank=0, dst_slot=5, logical=17,
+    sources=(Source(4, 2, "peer"), Source(9, 0, "peer"), Source(DISK, -1, "disk")))``.
+    """
+
+    layer: int
+    dst_rank: int
+    dst_slot: int
+    logical: int
+    sources: tuple[Source, ...]
+
+    @property
+    def route(self) -> Route:
+        """The planned route: that of the first source."""
+        return self.sources[0].route
+
+
+@dataclass(frozen=True, eq=False)
+class TransferPlan:
+    """A membership change's complete, deterministic plan.
+
+    Attributes:
+        epoch: the membership epoch the plan moves to.
+        mapping: old -> new ranks.
+        old, new: placements before (``old.ep_size`` ranks) and after
+            (``mapping.new_ep_size`` ranks), same ``slots_per_rank``.
+        expert_bytes: bytes of one expert (every tensor of it, scales included).
+        transfers: sorted by ``(layer, dst_rank, dst_slot)``.
+        missing: per layer, the logical experts with no live replica (disk only).
+    """
+
+    epoch: int
+    mapping: RankMapping
+    old: ExpertPlacement
+    new: ExpertPlacement
+    expert_bytes: int
+    transfers: tuple[Transfer, ...]
+    missing: tuple[tuple[int, ...], ...]
+    _by_layer: dict[int, list[Transfer]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        by_layer: dict[int, list[Transfer]] = defaultdict(list)
+        for t in self.transfers:
+            by_layer[t.layer].append(t)
+        object.__setattr__(self, "_by_layer", dict(by_layer))
+
+    # -- views -------------------------------------------------------------------------
+    def layer_transfers(self, layer: int) -> list[Transfer]:
+        return self._by_layer.get(layer, [])
+
+    def receives(self, new_rank: int, layer: int | None = None) -> list[Transfer]:
+        """Transfers a destination rank carries out (all layers, or one)."""
+        ts = self.transfers if layer is None else self.layer_transfers(layer)
+        return [t for t in ts if t.dst_rank == new_rank]
+
+    def peer_reads_from(self, old_rank: int, layer: int | None = None) -> list[Transfer]:
+        """Transfers whose planned source is ``old_rank`` over the network."""
+        ts = self.transfers if layer is None else self.layer_transfers(layer)
+        return [t for t in ts if t.route == "peer" and t.sources[0].rank == old_rank]
+
+    # -- summary -----------------------------------------------------------------------
+    def bytes_by_route(self) -> dict[str, int]:
+        out = dict.fromkeys(ROUTES, 0)
+        for t in self.transfers:
+            out[t.route] += self.expert_bytes
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Bytes by planned route, per destination rank and in total; peer bytes sent
+        per source rank; missing experts per layer."""
+        per_rank = {r: dict.fromkeys(ROUTES, 0) for r in range(self.mapping.new_ep_size)}
+        sent: dict[int, int] = defaultdict(int)
+        for t in self.transfers:
+            per_rank[t.dst_rank][t.route] += self.expert_bytes
+            if t.route == "peer":
+                sent[t.sources[0].rank] += self.expert_bytes
+        return {
+            "epoch": self.epoch,
+            "old_ep_size": self.mapping.old_ep_size,
+            "new_ep_size": self.mapping.new_ep_size,
+            "num_layers": self.new.num_layers,
+            "transfers": len(self.transfers),
+            "bytes": self.bytes_by_route(),
+            "bytes_by_dst_rank": per_rank,
+            "peer_bytes_by_src_rank": dict(sorted(sent.items())),
+            "missing_experts": sum(len(m) for m in self.missing),
+            "missing_by_layer": {i: list(m) for i, m in enumerate(self.missing) if m},
+        }
+
+    # -- invariants --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`PlanError` unless the plan turns ``old`` into ``new`` reading
+        only from live sources that hold the expert, with disk last and used alone
+        exactly for missing experts."""
+        m, old, new = self.mapping, self.old, self.new
+        if old.ep_size != m.old_ep_size or new.ep_size != m.new_ep_size:
+            raise PlanError(
+                f"placements have {old.ep_size} -> {new.ep_size} ranks but the mapping "
+                f"{m.old_ep_size} -> {m.new_ep_size}"
+            )
+        if old.slots_per_rank != new.slots_per_rank or old.num_layers != new.num_layers:
+            raise PlanError("old and new placements differ in slots per rank or layer count")
+        if len(self.missing) != new.num_layers:
+            raise PlanError(f"missing lists {len(self.missing)} layers, placements have {new.num_layers}")
+        new.validate()
+        spr = old.slots_per_rank
+        state = m.carry_over(old)
+        live = m.live_sources
+        new_to_old = m.new_to_old()
+        for t in self.transfers:
+            where = f"transfer layer {t.layer} -> rank {t.dst_rank} slot {t.dst_slot}"
+            if not (0 <= t.layer < new.num_layers and 0 <= t.dst_rank < m.new_ep_size and 0 <= t.dst_slot < spr):
+                raise PlanError(f"{where}: out of range")
+            if not t.sources or t.sources[-1].rank != DISK:
+                raise PlanError(f"{where}: the last source must be disk")
+            is_missing = t.logical in self.missing[t.layer]
+            if is_missing != (len(t.sources) == 1):
+                raise PlanError(f"{where}: disk alone must be used exactly for missing experts")
+            for s in t.sources[:-1]:
+                if s.rank not in live:
+                    raise PlanError(f"{where}: source rank {s.rank} is dead")
+                if old.phy2log[t.layer, s.rank * spr + s.slot] != t.logical:
+                    raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} does not hold expert {t.logical}")
+                want = "local" if s.rank == new_to_old[t.dst_rank] else "peer"
+                if s.route != want:
+                    raise PlanError(f"{where}: source rank {s.rank} has route {s.route}, expected {want}")
+            state[t.layer, t.dst_rank * spr + t.dst_slot] = t.logical
+        if not np.array_equal(state, new.phy2log):
+            layer = int(np.flatnonzero((state != new.phy2log).any(axis=1))[0])
+            raise PlanError(f"layer {layer}: applying the transfers does not give the new placement")
+
+    # -- serialisation -----------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "schema": SCHEMA_VERSION,
+                "epoch": self.epoch,
+                "expert_bytes": self.expert_bytes,
+                "mapping": self.mapping.to_dict(),
+                "old": self.old.to_dict(),
+                "new": self.new.to_dict(),
+                # Compact rows: [layer, dst_rank, dst_slot, logical, [[rank, slot], ...]]
+                "transfers": [
+                    [t.layer, t.dst_rank, t.dst_slot, t.logical, [[s.rank, s.slot] for s in t.sources]]
+                    for t in self.transfers
+                ],
+                "missing": [list(m) for m in self.missing],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "TransferPlan":
+        """Parse and validate; any defect raises :class:`PlanError`."""
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA_VERSION:
+            got = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise PlanError(f"plan schema {got!r} is not supported; this build reads schema {SCHEMA_VERSION}")
+        try:
+            mapping = RankMapping.from_dict(d["mapping"])
+            old = ExpertPlacement.from_dict(d["old"])
+            new = ExpertPlacement.from_dict(d["new"])
+            new_to_old = mapping.new_to_old()
+            transfers = tuple(
+                Transfer(
+                    int(layer), int(dst), int(slot), int(logical),
+                    tuple(Source(int(r), int(s), _route(int(r), new_to_old[int(dst)])) for r, s in srcs),
+                )
+                for layer, dst, slot, logical, srcs in d["transfers"]
+            )
+            plan = cls(
+                epoch=int(d["epoch"]),
+                mapping=mapping,
+                old=old,
+                new=new,
+                expert_bytes=int(d["expert_bytes"]),
+                transfers=transfers,
+                missing=tuple(tuple(int(x) for x in m) for m in d["missing"]),
+            )
+        except PlanError:
+            raise
+        except Exception as e:  # any shape defect in the record
+            raise PlanError(f"plan record is malformed: {type(e).__name__}: {e}") from e
+        plan.validate()
+        return plan
+
+
+def _route(src_rank: int, dst_old_rank: int) -> Route:
+    if src_rank == DISK:
+        return "disk"
+    return "local" if src_rank == dst_old_rank else "peer"
+
+
+def build_plan(
+    old: ExpertPlacement,
+    new: ExpertPlacement,
+    mapping: RankMapping,
+    expert_bytes: int,
+    *,
+    epoch: int = 0,
+    nodes: Sequence[str] | None = None,
+    max_peer_sources: int = 3,
+) -> TransferPlan:
+    """Build the transfer plan from ``old`` (on ``mapping.old_ep_size`` ranks) to ``new``.
+
+    Parameters:
+        expert_bytes: bytes of one expert (all its tensors).
+        nodes: node id per rank of the *new* layout's processes, indexed by old rank for
+            existing ranks and ``old_ep_size + j`` for joining rank ``j``; ``None`` when
+            unknown (then peers are ordered by load alone).
+        max_peer_sources: peers listed per transfer before disk.
+
+    Peers are spread greedily: each transfer's first peer is the candidate (same node
+    first) that has been charged the fewest bytes so far.
+    """
+    if old.slots_per_rank != new.slots_per_rank or old.num_layers != new.num_layers:
+        raise PlanError(
+            f"old ({old.num_layers} layers x {old.slots_per_rank} slots/rank) and new "
+            f"({new.num_layers} x {new.slots_per_rank}) placements do not match"
+        )
+    if old.num_logical != new.num_logical:
+        raise PlanError(f"old has {old.num_logical} logical experts, new has {new.num_logical}")
+    if old.ep_size != mapping.old_ep_size or new.ep_size != mapping.new_ep_size:
+        raise PlanError(
+            f"placements have {old.ep_size} -> {new.ep_size} ranks, mapping "
+            f"{mapping.old_ep_size} -> {mapping.new_ep_size}"
+        )
+    if expert_bytes <= 0:
+        raise PlanError(f"expert_bytes must be positive, got {expert_bytes}")
+    if nodes is not None and len(nodes) != mapping.old_ep_size + mapping.num_joining:
+        raise PlanError(
+            f"nodes lists {len(nodes)} ranks, expected old ranks + joining = "
+            f"{mapping.old_ep_size + mapping.num_joining}"
+        )
+    new.validate()
+
+    spr = old.slots_per_rank
+    new_to_old = mapping.new_to_old()
+    live = sorted(mapping.live_sources)
+    dst_node = [
+        (nodes[o] if o >= 0 else nodes[mapping.old_ep_size + r - mapping.num_surviving]) if nodes else None
+        for r, o in enumerate(new_to_old)
+    ]
+    sent = defaultdict(int)
+    transfers: list[Transfer] = []
+    missing: list[tuple[int, ...]] = []
+    for layer in range(old.num_layers):
+        old_row, new_row = old.phy2log[layer], new.phy2log[layer]
+        # holder[e][rank] = first local slot of logical e on a live old rank
+        holder: dict[int, dict[int, int]] = defaultdict(dict)
+        for r in live:
+            for i, e in enumerate(old_row[r * spr : (r + 1) * spr].tolist()):
+                holder[e].setdefault(r, i)
+        layer_missing = set()
+        for s, e in enumerate(new_row.tolist()):
+            dst, i = divmod(s, spr)
+            o = new_to_old[dst]
+            if o >= 0 and old_row[o * spr + i] == e:
+                continue
+            have = holder.get(e, {})
+            srcs: list[Source] = []
+            if o in have:
+                srcs.append(Source(o, have[o], "local"))
+            peers = sorted(
+                (r for r in have if r != o),
+                key=lambda r: (nodes is not None and nodes[r] != dst_node[dst], sent[r], r),
+            )[:max_peer_sources]
+            if peers and not srcs:
+                sent[peers[0]] += expert_bytes
+            srcs.extend(Source(r, have[r], "peer") for r in peers)
+            if not srcs:
+                layer_missing.add(e)
+            srcs.append(Source(DISK, -1, "disk"))
+            transfers.append(Transfer(layer, dst, i, e, tuple(srcs)))
+        missing.append(tuple(sorted(layer_missing)))
+    return TransferPlan(epoch, mapping, old, new, expert_bytes, tuple(transfers), tuple(missing))
+
+
+def moved_bytes(plan: TransferPlan) -> int:
+    """Bytes that cross a GPU boundary (peer and disk routes); local moves are free."""
+    b = plan.bytes_by_route()
+    return b["peer"] + b["disk"]
+
+
+def lower_bound_bytes(old: ExpertPlacement, mapping: RankMapping, expert_bytes: int) -> int:
+    """Bytes any policy must move across GPUs, summed over layers: each logical expert
+    left with no replica on a surviving rank needs a new slot, and every slot of a
+    joining rank must be filled; one transfer can do both, so per layer the bound is
+    the larger of the two counts."""
+    carry = mapping.carry_over(old)
+    have = np.zeros((old.num_layers, old.num_logical), dtype=bool)
+    rows = np.broadcast_to(np.arange(old.num_layers)[:, None], carry.shape)
+    kept = carry >= 0
+    have[rows[kept], carry[kept]] = True
+    homeless = (~have).sum(axis=1)
+    joining = mapping.num_joining * old.slots_per_rank
+    return int(np.maximum(homeless, joining).sum()) * expert_bytes
