@@ -46,8 +46,36 @@ def _check_inputs(old: ExpertPlacement, mapping: RankMapping, load: np.ndarray) 
     return load
 
 
-def _excess(rank_load: np.ndarray) -> float:
-    return float(np.clip(rank_load - rank_load.mean(), 0.0, None).sum())
+def _excess(rank_load: np.ndarray) -> np.ndarray:
+    """Load above the mean, summed over ranks (the last axis)."""
+    return np.clip(rank_load - rank_load.mean(axis=-1, keepdims=True), 0.0, None).sum(axis=-1)
+
+
+def _replicas_on_rank(row: np.ndarray, slot_rank: np.ndarray, num_logical: int, ranks: int) -> np.ndarray:
+    """``[num_logical, ranks]``: replicas of each expert on each rank."""
+    out = np.zeros((num_logical, ranks))
+    filled = row >= 0
+    np.add.at(out, (row[filled], slot_rank[filled]), 1.0)
+    return out
+
+
+def _loads_after_replacing(
+    row: np.ndarray, cnt: np.ndarray, w: np.ndarray, rl: np.ndarray, slot_rank: np.ndarray, cand: np.ndarray, h: int,
+    on_rank: np.ndarray,
+) -> np.ndarray:
+    """Rank loads ``[len(cand), ranks]`` after putting expert ``h`` in each candidate
+    slot instead of its current expert ``a`` (which must keep another replica).
+
+    Every replica of ``h`` sheds load (its count grows), every other replica of ``a``
+    takes more, and the candidate's rank swaps ``a``'s share for ``h``'s.
+    ``on_rank``: :func:`_replicas_on_rank` of ``row``.
+    """
+    base = rl - on_rank[h] * (w[h] / cnt[h] - w[h] / (cnt[h] + 1)) if cnt[h] else rl
+    a = row[cand]
+    grow = w[a] / (cnt[a] - 1) - w[a] / cnt[a]
+    new = base[None, :] + on_rank[a] * grow[:, None]
+    new[np.arange(cand.size), slot_rank[cand]] += w[h] / (cnt[h] + 1) - w[a] / cnt[a] - grow
+    return new
 
 
 class RebalancePolicy(ABC):
@@ -130,8 +158,8 @@ class MinMigrationPolicy(RebalancePolicy):
             ones the membership change forces.
     """
 
-    min_gain: float = 0.02
-    max_moves_per_layer: int = 4
+    min_gain: float = 0.01
+    max_moves_per_layer: int = 8
     name: ClassVar[str] = "min_migration"
 
     def place(self, old: ExpertPlacement, mapping: RankMapping, load: np.ndarray, carry: np.ndarray) -> np.ndarray:
@@ -162,14 +190,12 @@ class MinMigrationPolicy(RebalancePolicy):
             if free.size:
                 slot = free[np.argmin(rl[slot_rank[free]])]
             else:
-                evictable = np.flatnonzero(cnt[row] >= 2)
-                evictable = evictable[taken[slot_rank[evictable]] == taken[slot_rank[evictable]].min()]
-                # Drop a replica of the expert that loses least per replica by it, on
-                # the least loaded of those ranks holding one.
-                after = w[row[evictable]] / (cnt[row[evictable]] - 1)
-                cand = evictable[after == after.min()]
-                cand = cand[row[cand] == row[cand[0]]]
-                slot = cand[np.argmin(rl[slot_rank[cand]])]
+                cand = np.flatnonzero(cnt[row] >= 2)
+                cand = cand[taken[slot_rank[cand]] == taken[slot_rank[cand]].min()]
+                # Of the redundant replicas there, replace the one that leaves the
+                # least excess load.
+                on_rank = _replicas_on_rank(row, slot_rank, E, ranks)
+                slot = cand[np.argmin(_excess(_loads_after_replacing(row, cnt, w, rl, slot_rank, cand, e, on_rank)))]
                 cnt[row[slot]] -= 1
             row[slot] = e
             cnt[e] += 1
@@ -190,104 +216,121 @@ class MinMigrationPolicy(RebalancePolicy):
             row[slot] = e
             cnt[e] += 1
 
-        # 3. Moves that pay for balance, while the budget lasts: re-home a replica
-        #    (one transfer) or swap two slots (two transfers), whichever lowers the
-        #    layer's excess load (sum over ranks of load above the mean) most per
-        #    transfer, if by at least min_gain x mean. Excess rather than peak, so that
-        #    lowering one of several equal peaks counts as progress.
-        #    Slots filled above stay put, and only experts that kept a replica on a
-        #    surviving rank get new copies: a move never adds a disk read.
-        pinned = row != carry_row
-        kept = np.isin(np.arange(E), carry_row)
-        moves = 0
-        while moves < self.max_moves_per_layer:
+        # 3. Moves that pay for balance, while the budget lasts: re-home a replica of
+        #    an expert of the peak rank, or swap a slot of the peak rank with another,
+        #    whichever lowers the layer's excess load (sum over ranks of load above the
+        #    mean) most per transfer it adds, if by at least min_gain x mean. Excess
+        #    rather than peak, so that lowering one of several equal peaks counts.
+        #    Only experts that kept a replica on a surviving rank get new copies, and
+        #    a swap never raises the most disk reads a rank makes: no move adds to or
+        #    concentrates the disk reads.
+        ctx = _MoveContext(carry_row, row, cnt, w, spr, taken, int(taken.max(initial=0)))
+        spent = 0
+        for _ in range(4 * self.max_moves_per_layer + spr):  # each accepted move lowers excess
             rl = rank_load()
-            best = max(
-                (
-                    m
-                    for m in (
-                        self._best_replicate(row, cnt, w, rl, spr, pinned, kept),
-                        self._best_swap(row, cnt, w, rl, spr, pinned),
-                    )
-                    if m
-                ),
-                key=lambda m: m[0] / m[1],
-                default=None,
-            )
-            if best is None or best[0] / best[1] < self.min_gain * rl.mean() or moves + best[1] > self.max_moves_per_layer:
+            moves = [m for m in (ctx.best_replicate(rl), ctx.best_swap(rl)) if m is not None]
+            if not moves:
                 break
-            _, cost, apply = best
+            gain, cost, apply = max(moves, key=lambda m: m[0] / max(m[1], 1e-9))
+            if cost > 0 and (gain / cost < self.min_gain * rl.mean() or spent + cost > self.max_moves_per_layer):
+                break
             apply()
-            moves += cost
+            spent += max(cost, 0)
         return row
 
-    @staticmethod
-    def _best_replicate(
-        row: np.ndarray, cnt: np.ndarray, w: np.ndarray, rl: np.ndarray, spr: int, pinned: np.ndarray, kept: np.ndarray
-    ):
-        """Best (gain, 1, apply) for giving the heaviest replica of the peak rank another
-        copy, in the place of a redundant replica of another expert; None if none."""
-        R = rl.size
-        slot_rank = np.arange(row.size) // spr
+
+@dataclass
+class _MoveContext:
+    """One layer's state while min_migration looks for moves that pay.
+
+    ``carry``/``row``: ``[P]`` experts before any transfer / now; ``cnt``: ``[E]``
+    replicas now; ``w``: ``[E]`` load; ``taken``: ``[ranks]`` experts without a live
+    replica placed on each rank; ``disk_cap``: the most any rank may take.
+    """
+
+    carry: np.ndarray
+    row: np.ndarray
+    cnt: np.ndarray
+    w: np.ndarray
+    spr: int
+    taken: np.ndarray
+    disk_cap: int
+
+    def __post_init__(self) -> None:
+        self.slot_rank = np.arange(self.row.size) // self.spr
+        self.kept = np.isin(np.arange(self.w.size), self.carry)
+
+    def best_replicate(self, rl: np.ndarray):
+        """(gain, cost, apply) for giving an expert of the peak rank another copy in the
+        place of a redundant replica of another expert; None if none helps."""
+        row, cnt, slot_rank = self.row, self.cnt, self.slot_rank
         hi = int(np.argmax(rl))
-        on_hi = row[hi * spr : (hi + 1) * spr]
-        on_hi = on_hi[kept[on_hi]]
-        if on_hi.size == 0:
+        now = float(_excess(rl))
+        best: tuple[float, int, int] | None = None
+        on_rank = _replicas_on_rank(row, slot_rank, self.w.size, rl.size)
+        redundant = cnt[row] >= 2
+        for h in np.unique(row[hi * self.spr : (hi + 1) * self.spr]):
+            if not self.kept[h]:
+                continue
+            cand = np.flatnonzero(redundant & (on_rank[h][slot_rank] == 0))
+            if cand.size == 0:
+                continue
+            excess = _excess(_loads_after_replacing(row, cnt, self.w, rl, slot_rank, cand, int(h), on_rank))
+            c = int(np.argmin(excess))
+            if best is None or excess[c] < best[0]:
+                best = (float(excess[c]), int(cand[c]), int(h))
+        if best is None or not now - best[0] > 0:
             return None
-        h = int(on_hi[np.argmax(w[on_hi] / cnt[on_hi])])
-        n_h = np.bincount(slot_rank[row == h], minlength=R)
-        base = rl - n_h * (w[h] / cnt[h] - w[h] / (cnt[h] + 1))
-        cand = np.flatnonzero((cnt[row] >= 2) & (row != h) & (n_h[slot_rank] == 0) & ~pinned)
-        if cand.size == 0:
-            return None
-        a = row[cand]
-        ga = w[a] / (cnt[a] - 1) - w[a] / cnt[a]
-        # n_a[c, r]: replicas of candidate c's expert on rank r
-        n_a = (row[None, :] == a[:, None]).astype(np.float64) @ (slot_rank[:, None] == np.arange(R)).astype(np.float64)
-        new = base[None, :] + n_a * ga[:, None]
-        new[np.arange(cand.size), slot_rank[cand]] += w[h] / (cnt[h] + 1) - w[a] / cnt[a] - ga
-        excess = np.clip(new - rl.mean(), 0.0, None).sum(axis=1)
-        c = int(np.argmin(excess))
-        gain = _excess(rl) - excess[c]
-        if not gain > 0:
-            return None
-        slot = int(cand[c])
+        _, slot, h = best
+        cost = int(row[slot] == self.carry[slot])  # replacing a slot already changing is free
 
         def apply() -> None:
             cnt[row[slot]] -= 1
             row[slot] = h
             cnt[h] += 1
-            pinned[slot] = True
 
-        return gain, 1, apply
+        return now - best[0], cost, apply
 
-    @staticmethod
-    def _best_swap(row: np.ndarray, cnt: np.ndarray, w: np.ndarray, rl: np.ndarray, spr: int, pinned: np.ndarray):
-        """Best (gain, 2, apply) for exchanging a slot of the peak rank with a slot of
-        the least loaded rank; None if none lowers the excess."""
-        hi, lo = int(np.argmax(rl)), int(np.argmin(rl))
-        if hi == lo:
-            return None
-        xs = np.arange(hi * spr, (hi + 1) * spr)
-        ys = np.arange(lo * spr, (lo + 1) * spr)
-        delta = (w[row[xs]] / cnt[row[xs]])[:, None] - (w[row[ys]] / cnt[row[ys]])[None, :]
+    def best_swap(self, rl: np.ndarray):
+        """(gain, cost, apply) for exchanging a slot of the peak rank with a slot of
+        another rank; None if none lowers the excess."""
+        row, slot_rank, carry = self.row, self.slot_rank, self.carry
+        hi = int(np.argmax(rl))
+        xs = np.arange(hi * self.spr, (hi + 1) * self.spr)
+        per = self.w[row] / self.cnt[row]
+        delta = per[xs][:, None] - per[None, :]  # [spr, P]: load hi sheds, slot y's rank takes
         mean = rl.mean()
-        before = max(rl[hi] - mean, 0.0) + max(rl[lo] - mean, 0.0)
-        after = np.clip(rl[hi] - delta - mean, 0.0, None) + np.clip(rl[lo] + delta - mean, 0.0, None)
-        # Never put a second copy of an expert on one rank.
-        dup = np.isin(row[xs], row[ys])[:, None] | np.isin(row[ys], row[xs])[None, :]
-        after[dup | pinned[xs][:, None] | pinned[ys][None, :]] = np.inf
-        i, j = np.unravel_index(np.argmin(after), after.shape)
-        gain = before - after[i, j]
-        if not gain > 0:
+        ry = slot_rank
+        before = max(rl[hi] - mean, 0.0) + np.clip(rl[ry] - mean, 0.0, None)[None, :]
+        after = np.clip(rl[hi] - delta - mean, 0.0, None) + np.clip(rl[ry][None, :] + delta - mean, 0.0, None)
+        # Never swap within the peak rank or put a second copy of an expert on a rank.
+        holds = _replicas_on_rank(row, slot_rank, self.w.size, rl.size) > 0
+        bad = (ry == hi)[None, :] | holds[row[xs]][:, ry] | holds[row][:, hi][None, :]
+        # Experts without a live replica moving between ranks: keep within disk_cap.
+        hx = (~self.kept[row[xs]]).astype(np.int64)[:, None]
+        hy = (~self.kept[row]).astype(np.int64)[None, :]
+        bad |= (self.taken[ry][None, :] + hx - hy > self.disk_cap) | (self.taken[hi] - hx + hy > self.disk_cap)
+        changed = row != carry
+        cost = (
+            (row[None, :] != carry[xs][:, None]).astype(np.int64)
+            + (row[xs][:, None] != carry[None, :])
+            - changed[xs][:, None]
+            - changed[None, :]
+        )
+        gain = np.where(bad, -np.inf, before - after)
+        score = gain / np.maximum(cost, 1e-9)
+        i, j = np.unravel_index(np.argmax(np.where(gain > 0, score, -np.inf)), gain.shape)
+        if not gain[i, j] > 0:
             return None
-        x, y = int(xs[i]), int(ys[j])
+        x, y = int(xs[i]), int(j)
+        taken = self.taken
 
         def apply() -> None:
+            taken[hi] += int(hy[0, y] - hx[i, 0])
+            taken[slot_rank[y]] += int(hx[i, 0] - hy[0, y])
             row[x], row[y] = row[y], row[x]
-            pinned[[x, y]] = True
 
-        return gain, 2, apply
+        return float(gain[i, j]), int(cost[i, j]), apply
 
 
 _POLICIES: dict[str, type[RebalancePolicy]] = {

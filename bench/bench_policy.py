@@ -1,0 +1,114 @@
+"""Rebalance policies on a DeepSeek-V3-sized case with one rank failing.
+
+58 MoE layers, 256 logical experts, 32 ranks x 9 slots, 8 expert groups on 4 nodes,
+a Zipf-like load. The steady state is DeepSeek's hierarchical placement for that load;
+then one rank dies and each policy computes the placement on 31 ranks.
+
+Prints, all measured in this run:
+- DeepSeek's EPLB: the vectorised ``elastic_ep.eplb`` against a straightforward loop
+  implementation of the same algorithm (``bench/eplb_loop.py``): time and ratio, and
+  whether their outputs agree;
+- per policy: time per full rebalance, plan build time, balance (mean/max rank load),
+  bytes moved across GPUs as a ratio to the lower bound (one copy of every expert left
+  without a surviving replica), averaged over several failed ranks;
+- min_migration's trade-off between extra moves and balance (its move budget per
+  layer and the least gain a move must bring).
+
+Last line: ``moved_bytes_ratio_min_migration=<x> moved_bytes_ratio_deepseek=<y> policy_speedup=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.eplb_loop import rebalance_loop  # noqa: E402
+from elastic_ep.eplb import rebalance_experts  # noqa: E402
+from elastic_ep.load_stats import zipf_load  # noqa: E402
+from elastic_ep.placement import ExpertPlacement, balance  # noqa: E402
+from elastic_ep.plan import build_plan, lower_bound_bytes, moved_bytes  # noqa: E402
+from elastic_ep.policy import DeepSeekPolicy, MinMigrationPolicy, RebalancePolicy  # noqa: E402
+from elastic_ep.rank_mapping import RankMapping  # noqa: E402
+
+EXPERT_BYTES = 88_080_384  # DeepSeek-V3 expert, bf16
+
+
+def timed(fn, repeat: int):
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=58)
+    ap.add_argument("--zipf", type=float, default=0.6)
+    ap.add_argument("--failures", type=int, default=4, help="failed ranks to average over (one at a time)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nodes", type=int, default=4, help="nodes of the steady-state placement (1: global)")
+    args = ap.parse_args()
+    L, E, R, S, G, N = args.layers, 256, 32, 9, 8, args.nodes
+    print(f"case: {L} layers x {E} experts, {R} ranks x {S} slots, {G} groups, {N} nodes, "
+          f"Zipf({args.zipf}) load, seed {args.seed}, torch threads {torch.get_num_threads()}")
+    load = zipf_load(L, E, args.zipf, args.seed)
+
+    # DeepSeek's EPLB: vectorised against the loop implementation, same inputs.
+    t_vec, vec = timed(lambda: rebalance_experts(load, R * S, G, N, R), 5)
+    t_loop, ref = timed(lambda: rebalance_loop(torch.from_numpy(load), R * S, G, N, R), 1)
+    same = all(torch.equal(a, b) for a, b in zip(vec, ref))
+    speedup = t_loop / t_vec
+    print(f"\nrebalance_experts (hierarchical, {R} GPUs): vectorised {t_vec * 1e3:.1f} ms, "
+          f"loop {t_loop * 1e3:.0f} ms, speedup {speedup:.1f}x, outputs identical: {same}")
+    if not same:
+        raise SystemExit("vectorised and loop outputs differ")
+
+    old = ExpertPlacement(vec[0], S, E)
+    rng = np.random.default_rng(args.seed)
+    failed = sorted(rng.choice(R, args.failures, replace=False).tolist())
+    policies: list[tuple[str, RebalancePolicy]] = [
+        ("deepseek", DeepSeekPolicy(num_groups=G, num_nodes=N)),
+        ("min_migration", MinMigrationPolicy()),
+    ]
+    # The trade-off: (max_moves_per_layer, min_gain) from none to unbounded.
+    for budget, gain in ((0, 0.01), (16, 0.005), (32, 0.0)):
+        policies.append((f"min_mig[{budget},{gain}]", MinMigrationPolicy(min_gain=gain, max_moves_per_layer=budget)))
+
+    rows: dict[str, dict[str, list[float]]] = {name: {} for name, _ in policies}
+    for dead in failed:
+        m = RankMapping.build(R, dead=[dead])
+        lb = lower_bound_bytes(old, m, EXPERT_BYTES)
+        for name, policy in policies:
+            t_pol, new = timed(lambda: policy.rebalance(old, m, load), 3)
+            t_plan, plan = timed(lambda: build_plan(old, new, m, EXPERT_BYTES, epoch=1), 3)
+            r = rows[name]
+            for key, val in (("policy_ms", t_pol * 1e3), ("plan_ms", t_plan * 1e3),
+                             ("balance", balance(new, load)), ("moved_gib", moved_bytes(plan) / 2**30),
+                             ("lb_gib", lb / 2**30), ("ratio", moved_bytes(plan) / lb)):
+                r.setdefault(key, []).append(val)
+
+    print(f"\none rank failing, averaged over ranks {failed}; balance before: {balance(old, load):.3f}")
+    print(f"{'policy':<20}{'policy ms':>10}{'plan ms':>9}{'balance':>9}{'moved GiB':>11}{'lower bd GiB':>13}{'moved/lb':>9}")
+    for name, _ in policies:
+        r = {k: statistics.mean(v) for k, v in rows[name].items()}
+        print(f"{name:<20}{r['policy_ms']:>10.1f}{r['plan_ms']:>9.1f}{r['balance']:>9.3f}"
+              f"{r['moved_gib']:>11.1f}{r['lb_gib']:>13.1f}{r['ratio']:>9.2f}")
+    mm = statistics.mean(rows["min_migration"]["ratio"])
+    ds = statistics.mean(rows["deepseek"]["ratio"])
+    print(f"\nmin_migration moves {ds / mm:.1f}x fewer bytes than deepseek; balance "
+          f"{statistics.mean(rows['min_migration']['balance']):.3f} vs {statistics.mean(rows['deepseek']['balance']):.3f}")
+    print(f"moved_bytes_ratio_min_migration={mm:.3f} moved_bytes_ratio_deepseek={ds:.3f} policy_speedup={speedup:.1f}")
+
+
+if __name__ == "__main__":
+    main()
