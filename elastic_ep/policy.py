@@ -148,7 +148,7 @@ class DeepSeekPolicy(RebalancePolicy):
 
 @dataclass(frozen=True)
 class MinMigrationPolicy(RebalancePolicy):
-    """Keep surviving replicas in place; move only what must move, plus swaps that pay.
+    """Keep surviving replicas in place; move only what must move, plus moves that pay.
 
     Attributes:
         min_gain: a move is made only if it lowers the layer's excess load (the sum

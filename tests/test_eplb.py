@@ -75,3 +75,17 @@ def test_bad_weight():
         rebalance_experts(torch.tensor([[1.0, -1.0]]), 2, 1, 1, 1)
     with pytest.raises(ConfigError, match="must be"):
         rebalance_experts(torch.ones(4), 4, 1, 1, 1)
+
+
+def test_reference_readme_example():
+    """The documented output of the public DeepSeek EPLB README example."""
+    weight = torch.tensor(
+        [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+         [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+    )
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 16, 4, 2, 8)
+    assert phy2log.tolist() == [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+    assert logcnt.sum(-1).tolist() == [16, 16] and log2phy.shape == (2, 12, 2)
