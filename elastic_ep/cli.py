@@ -81,6 +81,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    """Write a deterministic synthetic MoE checkpoint and say what was written."""
+    from loaders.synthetic import SyntheticSpec, make_checkpoint
+
+    spec = SyntheticSpec(
+        layers=args.layers, experts=args.experts, hidden=args.hidden, intermediate=args.intermediate,
+        dtype=args.dtype, shards=args.shards, seed=args.seed, scheme=args.scheme,
+        dense_layers=args.dense_layers,
+    )
+    out = make_checkpoint(args.dir, spec)
+    for path, size in out.files:
+        print(f"{path}  {_fmt_bytes(size)}")
+    print(f"{len(out.files)} files, {out.tensors} tensors, {_fmt_bytes(out.tensor_bytes)} of tensors; "
+          f"{spec.layers} MoE layers (checkpoint layers {spec.moe_layer_ids[0]}..{spec.moe_layer_ids[-1]}) "
+          f"x {spec.experts} experts, expert_bytes={out.expert_bytes}, scheme {args.scheme}, dtype {args.dtype}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elastic-ep", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
+
+    # Choices are spelled out here so that --help works without importing torch.
+    mk = sub.add_parser("make-checkpoint", help="write a deterministic synthetic MoE safetensors checkpoint")
+    mk.add_argument("dir", help="directory to write into (created; must hold no checkpoint yet)")
+    mk.add_argument("--layers", type=int, default=2, help="MoE layers")
+    mk.add_argument("--experts", type=int, default=8, help="logical experts per MoE layer")
+    mk.add_argument("--hidden", type=int, default=64)
+    mk.add_argument("--intermediate", type=int, default=32)
+    mk.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                    help="fp8: e4m3 weights with float32 weight_scale_inv blocks of 128")
+    mk.add_argument("--shards", type=int, default=1, help="files; more than 1 adds model.safetensors.index.json")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--scheme", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
+    mk.add_argument("--dense-layers", type=int, default=0, help="dense layers before the first MoE layer")
+    mk.set_defaults(func=cmd_make_checkpoint)
     return p
 
 

@@ -10,6 +10,10 @@ thing (layer, rank, file, tensor, key) and, where there is one, the fix.
     ├── PlanError              a transfer plan that is malformed or cannot be built
     │   └── StaleEpochError    a plan or ack from an epoch older than the one seen
     ├── CheckpointError        safetensors files: missing, corrupt, wrong shape or dtype
+    │   ├── MissingFileError       a checkpoint directory, index or shard not there
+    │   ├── MissingTensorError     a tensor name the index or shard header lacks
+    │   ├── TensorMismatchError    a tensor whose shape or dtype differs from the layout
+    │   └── CorruptCheckpointError a header or data region that cannot be right
     └── TransportError         a peer transfer failed or timed out
 """
 
@@ -54,3 +58,22 @@ class CheckpointError(ElasticEPError):
 
 class TransportError(ElasticEPError):
     """A peer transfer that failed, or a peer that did not answer in time."""
+
+
+class MissingFileError(CheckpointError):
+    """A checkpoint directory, index file or shard that is not there."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor name that the checkpoint's index or a shard's header does not hold."""
+
+
+class TensorMismatchError(CheckpointError):
+    """A checkpoint tensor whose shape or dtype differs from what the serving layout
+    expects; nothing is converted, so the two must agree exactly."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file whose header or data region cannot be right: a header length beyond the
+    file, invalid JSON, data offsets outside the file or not matching dtype x shape, a
+    short read."""
