@@ -45,7 +45,7 @@ class StaleEpochError(PlanError):
 
     def __init__(self, what: str, epoch: int, newest: int) -> None:
         super().__init__(
-            f"{what} carries epoch {epoch}, older than the newest seen epoch {newest}; "
+            f"{what} carries epoch {epoch}, not newer than the newest seen epoch {newest}; "
             "it is refused (epochs only increase)"
         )
         self.epoch = epoch

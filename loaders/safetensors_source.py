@@ -217,6 +217,53 @@ class SafetensorsExpertSource:
         )
         return report
 
+    def read_packed(
+        self, experts: Sequence[tuple[int, int]], out: torch.Tensor, offsets: Sequence[int]
+    ) -> LoadReport:
+        """Read each ``(layer, logical expert)`` in packed form (the layout's
+        ``expert_bytes``, as peer transports move it) to byte ``offsets[i]`` of ``out``
+        (flat uint8, CPU or CUDA): the executor's staging buffer. Checks come first, as
+        in :meth:`load`; on error ``out`` may be partly written (it is scratch)."""
+        t0 = time.perf_counter()
+        experts = [(int(layer), int(e)) for layer, e in experts]
+        eb = self.layout.expert_bytes
+        if len(offsets) != len(experts):
+            raise ConfigError(f"{len(experts)} experts but {len(offsets)} offsets")
+        if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous():
+            raise ConfigError(f"out must be a contiguous 1-D uint8 tensor, got {out.dtype} {tuple(out.shape)}")
+        for (layer, e), at in zip(experts, offsets):
+            if e < 0 or layer < 0 or (self.moe_layer_ids is not None and layer >= len(self.moe_layer_ids)):
+                raise ConfigError(f"layer {layer} expert {e}: not a MoE layer index and logical expert")
+            if not 0 <= at <= out.numel() - eb:
+                raise ConfigError(f"offset {at} + expert_bytes {eb} outside out ({out.numel()} bytes)")
+        with self._lock:
+            header_bytes = self.header_bytes_read
+            fds: dict[str, int] = {}
+            try:
+                if out.is_cuda:
+                    reads = self._resolve(experts, fds)
+                    staging = self._staging_buffer(len(experts) * eb, pinned=True)
+                    self._read_all(reads, fds, staging)
+                else:
+                    reads = self._resolve(experts, fds, offsets)
+                    self._read_all(reads, fds, out)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            if out.is_cuda:
+                for i, at in enumerate(offsets):
+                    out[at : at + eb].copy_(staging[i * eb : (i + 1) * eb], non_blocking=True)
+                torch.cuda.synchronize(out.device)
+            header_bytes = self.header_bytes_read - header_bytes
+        return LoadReport(
+            slots=len(experts),
+            experts=len(set(experts)),
+            bytes_read=sum(r.nbytes for r in reads),
+            header_bytes_read=header_bytes,
+            files=tuple(sorted({r.path for r in reads})),
+            seconds=time.perf_counter() - t0,
+        )
+
     # -- step 1: requests and destinations ---------------------------------------------
     def _check_requests(
         self, requests: list[ExpertRequest], weights: Weights
@@ -272,10 +319,15 @@ class SafetensorsExpertSource:
             self._headers[path] = cached = (key, header)
         return cached[1]
 
-    def _resolve(self, experts: list[tuple[int, int]], fds: dict[str, int]) -> list[_Read]:
+    def _resolve(
+        self, experts: list[tuple[int, int]], fds: dict[str, int], bases: Sequence[int] | None = None
+    ) -> list[_Read]:
+        """Every tensor of ``experts``, checked; expert ``i`` lands at byte ``bases[i]``
+        of the buffer (default ``i * expert_bytes``)."""
         reads = []
         eb = self.layout.expert_bytes
         for i, (layer, expert) in enumerate(experts):
+            base = i * eb if bases is None else bases[i]
             ckpt_layer = self.checkpoint_layer(layer)
             for span in self.layout.spans:
                 p = span.part
@@ -290,7 +342,7 @@ class SafetensorsExpertSource:
                         f"{list(p.shape)}; build the layout from the model's config "
                         "(hidden, intermediate, dtype, fp8 scales)"
                     )
-                reads.append(_Read(path, info.begin, i * eb + span.offset, span.nbytes, name))
+                reads.append(_Read(path, info.begin, base + span.offset, span.nbytes, name))
         return reads
 
     def _staging_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""torch.distributed transport: two-sided send/recv on a private process group per epoch.
+
+gloo for CPU weights, NCCL for CUDA. The group is private (built straight from the
+store, never the default group) because the default group belongs to the serving
+engine; ``dist.batch_isend_irecv`` only accepts groups registered with the default
+group, so the batch is posted on the group object itself, and for NCCL wrapped in
+the same coalescing calls ``batch_isend_irecv`` makes (one fused launch, no pairwise
+ordering deadlock).
+
+A peer failing breaks a gloo or NCCL group for good (even a barrier fails after), so
+once one operation fails every later read of the epoch fails at once and the executor
+goes to disk; the next epoch builds a new group without the dead rank.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from elastic_ep.errors import ConfigError, TransportError
+
+from .layout import ExpertLayout
+from .transport import PeerRead, PeerSend, PeerTransport, register_backend
+
+
+@register_backend("torch")
+class TorchTransport(PeerTransport):
+    """Options: ``backend`` ("gloo" or "nccl"; default from the weights' device)."""
+
+    name = "torch"
+    one_sided = False
+
+    def __init__(self, layout: ExpertLayout, prefix: str = "elastic-ep/transport", backend: str | None = None) -> None:
+        super().__init__(layout, prefix)
+        self.backend = backend
+        self.group: Any = None
+        self.broken: str | None = None
+
+    def _register_weights(self) -> None:
+        assert self.table is not None
+        want = "nccl" if self.table.device == "cuda" else "gloo"
+        if self.backend is None:
+            self.backend = want
+        elif self.backend != want:
+            raise ConfigError(f"torch transport backend {self.backend!r} cannot move {self.table.device} weights; use {want!r}")
+
+    def _register_staging(self) -> None:
+        pass  # plain tensors: nothing to register
+
+    def _connect(self, timeout: float) -> None:
+        # Every participant builds the group here; its rendezvous completes when all
+        # of them have connected, which the first exchange waits for.
+        store = dist.PrefixStore(f"{self.prefix}/{self.epoch}/pg/", self.store)
+        t = timedelta(seconds=timeout)
+        if self.backend == "gloo":
+            self.group = dist.ProcessGroupGloo(store, self.me, self.world, t)
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = t
+            self.group = dist.ProcessGroupNCCL(store, self.me, self.world, opts)
+        self.broken = None
+
+    def close_epoch(self) -> None:
+        self.group = None  # a broken group's shutdown can block; let it be collected
+
+    def exchange(
+        self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
+    ) -> list[BaseException | None]:
+        if self.group is None or self.table is None:
+            raise ConfigError("torch transport: connect before exchange")
+        if self.broken is not None:
+            err = TransportError(f"layer {layer}: the epoch {self.epoch} process group is broken ({self.broken})")
+            return [err] * len(reads)
+        assert self.staging is not None
+        named = self.weights[layer]
+        # Both sides order a pair's messages by (slot, tensor): sends by the source
+        # slot, receives by the same source slot, so messages match one to one.
+        recv_list: list[tuple[int, torch.Tensor, int]] = []  # (peer, buffer, read index)
+        for i, r in sorted(enumerate(reads), key=lambda x: (x[1].src, x[1].src_slot, x[1].dst_offset)):
+            for t, off in zip(self.layout.tensors, self.layout.offsets):
+                at = r.dst_offset + off
+                recv_list.append((r.src, self.staging[at : at + t.row_bytes], i))
+        send_list: list[tuple[int, torch.Tensor]] = []
+        for s in sorted(sends, key=lambda s: (s.dst, s.src_slot)):
+            for t in self.layout.tensors:
+                send_list.append((s.dst, self.layout.row_bytes_view(named[t.name], s.src_slot)))
+        coalesce = self.backend == "nccl"
+        works: list[tuple[Any, int | None]] = []
+        try:
+            if coalesce:
+                self.group._start_coalescing(self.staging.device)
+            for peer, buf in send_list:
+                works.append((self.group.send([buf], peer, layer), None))
+            for peer, buf, i in recv_list:
+                works.append((self.group.recv([buf], peer, layer), i))
+            if coalesce:
+                works = [(self.group._end_coalescing(self.staging.device), -1)]
+        except RuntimeError as e:
+            self.broken = str(e).splitlines()[0]
+            return [TransportError(f"layer {layer}: posting the batch failed ({self.broken})")] * len(reads)
+        out: list[BaseException | None] = [None] * len(reads)
+        deadline = time.monotonic() + timeout
+        for w, i in works:
+            try:
+                if w.wait(timedelta(seconds=max(0.001, deadline - time.monotonic()))) is False:
+                    raise RuntimeError("timed out")
+            except RuntimeError as e:
+                # gloo: "Connection reset by peer" from a dead peer, or the timeout.
+                # Completed receives stay good; everything after this fails fast.
+                self.broken = self.broken or str(e).splitlines()[0]
+                self.staging_poisoned = True  # a posted receive may still land later
+                err = TransportError(f"layer {layer}: epoch {self.epoch} group failed ({self.broken})")
+                if i == -1:  # the fused NCCL batch: nothing in it can be trusted
+                    return [err] * len(reads)
+                if i is not None:
+                    out[i] = out[i] or err
+        if coalesce:
+            torch.cuda.current_stream(self.staging.device).synchronize()
+        return out
