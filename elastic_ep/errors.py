@@ -14,7 +14,11 @@ thing (layer, rank, file, tensor, key) and, where there is one, the fix.
     │   ├── MissingTensorError     a tensor name the index or shard header lacks
     │   ├── TensorMismatchError    a tensor whose shape or dtype differs from the layout
     │   └── CorruptCheckpointError a header or data region that cannot be right
-    └── TransportError         a peer transfer failed or timed out
+    ├── TransportError         a peer transfer failed or timed out
+    └── EtcdError              the control plane's store
+        ├── EtcdUnavailableError   etcd cannot be reached (or lost quorum)
+        ├── MalformedValueError    a value under the prefix that cannot be parsed
+        └── NotLeaderError         a write fenced off: this controller is not the leader
 """
 
 from __future__ import annotations
@@ -77,3 +81,19 @@ class CorruptCheckpointError(CheckpointError):
     """A file whose header or data region cannot be right: a header length beyond the
     file, invalid JSON, data offsets outside the file or not matching dtype x shape, a
     short read."""
+
+
+class EtcdError(ElasticEPError):
+    """The control plane's etcd: unreachable, refusing, or holding bad data."""
+
+
+class EtcdUnavailableError(EtcdError):
+    """etcd cannot be reached, timed out, or has no quorum; callers wait it out."""
+
+
+class MalformedValueError(EtcdError, ValueError):
+    """A value under the deployment's prefix that is not what its key says it holds."""
+
+
+class NotLeaderError(EtcdError):
+    """A fenced write refused: leadership was lost or the epoch moved on."""

@@ -203,3 +203,41 @@ def scenario(
     new = get_policy(policy).rebalance(old, mapping, new_load)
     return build_plan(old, new, mapping, expert_bytes, epoch=epoch)
 
+
+
+def run_agent(
+    etcd: Any,
+    rank_id: str,
+    ckpt_dir: str,
+    spec: SyntheticSpec,
+    slots_per_rank: int,
+    transport: str = "torch",
+    lease_ttl_s: int = 3,
+    node: str = "",
+    source_timeout_s: float = 5.0,
+    dead_after_s: float = 1.5,
+    stop: Any = None,
+) -> None:
+    """A stand-alone rank on synthetic weights, driven by the controller through etcd
+    (``elastic-ep agent``): loads its slots at bootstrap, executes plans, and reports in
+    every ack how many of its slots are not bit-exact."""
+    from loaders.transport import get_transport
+
+    from .agent import AgentConfig, RankAgent
+
+    layout = spec.layout()
+    weights = allocate_weights(layout, spec.layers, slots_per_rank)
+    disk = SafetensorsExpertSource(ckpt_dir, spec.naming, layout, spec.moe_layer_ids)
+    tp = get_transport(transport, layout)
+    ex = PlanExecutor(weights, layout, tp, disk, None, source_timeout_s=source_timeout_s,
+                      dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4))
+    agent = RankAgent(
+        AgentConfig(etcd, rank_id, node=node, lease_ttl_s=lease_ttl_s, endpoint={"transport": transport}),
+        ex,
+        load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights) and None,
+        verify=lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights)),
+    )
+    try:
+        agent.run(stop)
+    finally:
+        tp.close()

@@ -1,0 +1,233 @@
+"""Connecting to etcd, and the one place its client's errors become ours.
+
+The client is the ``etcd3`` API from the ``etcd3-fc`` distribution: python-etcd3's
+code with protobuf stubs regenerated so that it imports with current protobuf and
+grpcio (the ``etcd3`` 0.12.0 release on PyPI fails with "Descriptors cannot be created
+directly" unless protobuf runs in slow pure-Python mode). Everything here goes through
+this module, so replacing the distribution touches one file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
+
+import grpc
+import torch.distributed as dist
+
+from elastic_ep.errors import ConfigError, EtcdUnavailableError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how to authenticate.
+
+    Example: ``EtcdConfig("127.0.0.1:2379", ca="ca.pem", cert="rank.pem", key="rank-key.pem",
+    user="rank-3", password=os.environ["ELASTIC_EP_ETCD_PASSWORD"])``. Passwords come from the
+    environment or a file, never from the command line or the repo.
+    """
+
+    endpoint: str = "127.0.0.1:2379"
+    prefix: str = "/elastic-ep"
+    deployment: str = "default"
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"etcd endpoint {self.endpoint!r} must be host:port")
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("etcd client TLS needs both cert and key (or neither)")
+        if (self.cert is not None) and self.ca is None:
+            raise ConfigError("etcd client TLS needs the CA certificate (ca=) to check the server")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("etcd auth needs both user and password (or neither)")
+        if not self.prefix.startswith("/") or self.prefix.endswith("/") or "/" in self.deployment:
+            raise ConfigError(f"prefix {self.prefix!r} must start and not end with '/', deployment {self.deployment!r} has no '/'")
+
+    @property
+    def root(self) -> str:
+        """``/<prefix>/<deployment>``: every key of the deployment lives below."""
+        return f"{self.prefix}/{self.deployment}"
+
+
+def connect(cfg: EtcdConfig) -> Any:
+    """An ``etcd3`` client; :class:`EtcdUnavailableError` if etcd does not answer,
+    ``PermissionError`` if it refuses the credentials."""
+    import etcd3
+
+    host, _, port = cfg.endpoint.rpartition(":")
+    what = f"etcd at {cfg.endpoint}" + (f" as {cfg.user!r}" if cfg.user else "")
+    # With user/password the constructor authenticates, so it can fail like a call.
+    client = call(
+        etcd3.client, what, host=host, port=int(port), ca_cert=cfg.ca, cert_key=cfg.key,
+        cert_cert=cfg.cert, timeout=cfg.timeout_s, user=cfg.user, password=cfg.password,
+    )
+    # The client marks its endpoint failed for 300 s after one UNAVAILABLE and refuses
+    # every call meanwhile; gRPC reconnects by itself, so retry soon instead (an etcd
+    # restart must cost seconds, not minutes).
+    for ep in getattr(client, "endpoints", {}).values():
+        ep.time_retry = 0.5
+    call(client.status, what)
+    return client
+
+
+def _rpc_error(e: BaseException) -> Any:
+    """The gRPC error behind ``e``: ``e`` itself, or the one the ``etcd3`` client was
+    handling when it raised its own exception (which carries no message)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, grpc.RpcError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+# How gRPC (BoringSSL) and etcd word TLS and auth failures; matched to name a likely cause.
+_HINTS = (
+    (("CERTIFICATE_VERIFY_FAILED",),
+     "TLS: this client does not trust the server's certificate: wrong CA file (ca=)?"),
+    (("Hostname Verification",),
+     "TLS: the server's certificate does not name the endpoint's host (add it to the certificate's SAN)"),
+    (("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA"),
+     "TLS: the server refused this client: no client certificate (cert=, key=) "
+     "or one not signed by the CA the server trusts (--trusted-ca-file)"),
+    (("Handshake read failed", "WRONG_VERSION_NUMBER"),
+     "TLS: the server did not answer the TLS handshake: it may serve plaintext (drop ca=) or be another service"),
+    (("Socket closed",),
+     "if etcd serves TLS, this client needs ca= (and cert=, key= when it requires client certificates)"),
+    (("sufficient security level",),
+     "user/password authentication needs TLS: set ca= (the client never sends a token in plaintext)"),
+    (("invalid auth token",),
+     "the auth token expired (idle longer than etcd's --auth-token-ttl) or was dropped "
+     "(the user's password changed): connect again"),
+)
+# etcd's auth errors that arrive as INVALID_ARGUMENT rather than UNAUTHENTICATED.
+_AUTH_DETAILS = ("authentication failed", "user name is empty", "invalid auth management")
+
+
+def _hint(details: str) -> str:
+    for needles, hint in _HINTS:
+        if any(n in details for n in needles):
+            return hint
+    return ""
+
+
+def _translate(e: BaseException, what: str) -> Exception:
+    import etcd3.exceptions as ex
+
+    if isinstance(e, ValueError) and "failed node" in str(e):
+        return EtcdUnavailableError(f"{what}: unreachable (the endpoint failed moments ago; retrying shortly)")
+    if not isinstance(e, (grpc.RpcError, ex.Etcd3Exception)):
+        return e if isinstance(e, Exception) else RuntimeError(str(e))
+    rpc = _rpc_error(e)
+    code = rpc.code() if rpc is not None and hasattr(rpc, "code") else None
+    details = (rpc.details() if rpc is not None and hasattr(rpc, "details") else None) or str(e) or type(e).__name__
+    hint = _hint(details)
+    if isinstance(e, (ex.ConnectionFailedError, ex.ConnectionTimeoutError)) or code in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
+        return EtcdUnavailableError(f"{what}: unreachable ({details}); "
+                                    + (hint or "is etcd running and the endpoint right?"))
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and any(d in details for d in _AUTH_DETAILS)
+    ):
+        return PermissionError(f"{what}: {code.name} ({details}); " + (hint or "check the user, password and role"))
+    return EtcdUnavailableError(f"{what}: {code.name if code else type(e).__name__} ({details})")
+
+
+def call(fn: Callable[..., T], what: str, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` with etcd and gRPC errors as :class:`EtcdUnavailableError`
+    (or ``PermissionError`` for auth), naming ``what``."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        t = _translate(e, what)
+        if t is e:
+            raise
+        raise t from e
+
+
+class EtcdStore(dist.Store):
+    """The ``torch.distributed.Store`` API over etcd keys under ``root``: lets the plan
+    executor's barrier, heartbeats and transport endpoints (and gloo's rendezvous) use
+    the control plane's etcd instead of a separate TCPStore.
+
+    Keys live under ``<root>/store/<key>``; the controller deletes an epoch's keys once it
+    is committed. Values are bytes; ``add`` is a compare-and-swap loop.
+    """
+
+    def __init__(self, client: Any, root: str, timeout_s: float = 300.0, lease: Any = None) -> None:
+        super().__init__()
+        self.client, self.root, self.timeout_s, self.lease = client, root.rstrip("/") + "/store/", timeout_s, lease
+
+    def _k(self, key: str) -> str:
+        return self.root + key
+
+    def set(self, key: str, value: Any) -> None:
+        v = value if isinstance(value, bytes) else str(value).encode() if not isinstance(value, (bytearray, memoryview)) else bytes(value)
+        call(self.client.put, f"store set {key}", self._k(key), v, lease=self.lease)
+
+    def get(self, key: str) -> bytes:
+        self.wait([key])
+        v, _ = call(self.client.get, f"store get {key}", self._k(key))
+        return bytes(v)
+
+    def check(self, keys: list[str]) -> bool:
+        for k in keys:
+            v, _ = call(self.client.get, f"store check {k}", self._k(k))
+            if v is None:
+                return False
+        return True
+
+    def add(self, key: str, amount: int) -> int:
+        k = self._k(key)
+        for _ in range(1000):
+            v, meta = call(self.client.get, f"store add {key}", k)
+            new = (int(v) if v is not None else 0) + int(amount)
+            if amount == 0 and v is not None:
+                return new
+            cmp = (self.client.transactions.version(k) == 0) if v is None else (self.client.transactions.mod(k) == meta.mod_revision)
+            ok, _ = call(self.client.transaction, f"store add {key}", compare=[cmp],
+                         success=[self.client.transactions.put(k, str(new), lease=self.lease)], failure=[])
+            if ok:
+                return new
+        raise EtcdUnavailableError(f"store add {key}: too much contention")
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        limit = timeout.total_seconds() if timeout is not None else self.timeout_s
+        deadline = time.monotonic() + limit
+        poll = 0.002
+        while not self.check(keys):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd store: keys {keys} not set within {limit:.0f} s")
+            time.sleep(poll)
+            poll = min(poll * 2, 0.05)
+
+    def delete_key(self, key: str) -> bool:
+        return bool(call(self.client.delete, f"store delete {key}", self._k(key)))
+
+    def num_keys(self) -> int:
+        return sum(1 for _ in call(self.client.get_prefix, "store keys", self.root, keys_only=True))
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self.timeout_s = timeout.total_seconds()
+
+    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
+        k = self._k(key)
+        exp = expected if isinstance(expected, bytes) else str(expected).encode()
+        des = desired if isinstance(desired, bytes) else str(desired).encode()
+        cmp = (self.client.transactions.version(k) == 0) if exp == b"" else (self.client.transactions.value(k) == exp)
+        ok, _ = call(self.client.transaction, f"store compare_set {key}", compare=[cmp],
+                     success=[self.client.transactions.put(k, des)], failure=[])
+        v, _ = call(self.client.get, f"store get {key}", k)
+        return bytes(v) if v is not None else exp

@@ -1,0 +1,221 @@
+"""The rank agent: embedded in a serving process, it keeps the rank registered in etcd,
+carries out the plans the leader publishes, and hands committed placements to the
+serving engine.
+
+It acts on a plan only if the plan is newer than every epoch it has seen, names this
+rank's current incarnation, and comes from the controller that holds the leader key
+now. A rank whose own lease expired (a partition, a long pause) is fenced: it stops
+acting, drops its rank, and registers again as ``joining`` with a new incarnation, so
+the controller treats it as a new member and refills it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from controller.etcd_client import EtcdConfig, EtcdStore, call, connect
+from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord
+
+from .errors import ElasticEPError, EtcdUnavailableError, MalformedValueError
+from .executor import PlanExecutor
+from .placement import ExpertPlacement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    etcd: EtcdConfig
+    id: str
+    node: str = ""
+    device: str = "cpu"
+    lease_ttl_s: int = 3
+    poll_s: float = 0.05
+    endpoint: dict[str, Any] = field(default_factory=dict)
+
+
+class RankAgent:
+    """``RankAgent(cfg, executor, load_initial, on_commit).run(stop)``.
+
+    Args:
+        executor: applies plans to this process's weights (transport and disk inside).
+        load_initial: ``(placement, rank) -> None`` fills this rank's slots at bootstrap
+            (the serving engine's own start-up load).
+        on_commit: ``(placement, rank) -> None`` called with each committed placement this
+            rank is part of (the serving engine switches to it).
+        verify: optional ``(placement, rank) -> mismatched slot count``, reported in acks.
+    """
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        executor: PlanExecutor,
+        load_initial: Callable[[ExpertPlacement, int], None],
+        on_commit: Callable[[ExpertPlacement, int], None] | None = None,
+        verify: Callable[[ExpertPlacement, int], int] | None = None,
+        client: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client = client if client is not None else connect(cfg.etcd)
+        self.root = cfg.etcd.root
+        self.executor = executor
+        self.load_initial, self.on_commit, self.verify = load_initial, on_commit, verify
+        self.key = f"{self.root}/ranks/{cfg.id}"
+        self.lease: Any = None
+        self.incarnation = ""
+        self.state = "joining"
+        self.last_epoch = 0  # newest plan epoch seen (acted on or refused)
+        self.committed_epoch = 0
+        self.rank: int | None = None  # in the committed placement
+        self.placement: ExpertPlacement | None = None
+        self.fenced = threading.Event()
+        self.leaving = False
+        self.left = threading.Event()
+        self._stop = threading.Event()
+        self.epochs_seen: list[int] = []
+
+    @property
+    def token(self) -> str:
+        return f"{self.cfg.id}#{self.incarnation}"
+
+    # -- membership ------------------------------------------------------------------
+    def _record(self) -> RankRecord:
+        return RankRecord(self.cfg.id, socket.gethostname(), self.cfg.device, self.cfg.node, self.state,
+                          self.cfg.endpoint, os.getpid(), self.incarnation)
+
+    def register(self) -> None:
+        """A new incarnation, joining, under a fresh lease kept alive by a thread."""
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.state, self.rank, self.placement = "joining", None, None
+        self.lease = call(self.client.lease, "grant rank lease", self.cfg.lease_ttl_s)
+        call(self.client.put, f"register {self.key}", self.key, self._record().to_json(), lease=self.lease)
+        self.fenced.clear()
+        threading.Thread(target=self._keepalive, args=(self.lease,), name="elastic-ep-rank-lease", daemon=True).start()
+        log.info("rank %s registered as %s", self.cfg.id, self.token)
+
+    def _keepalive(self, lease: Any) -> None:
+        while not self._stop.wait(self.cfg.lease_ttl_s / 3) and lease is self.lease:
+            try:
+                replies = call(lambda: list(self.client.refresh_lease(lease.id)), "refresh rank lease")
+                if not replies or replies[0].TTL <= 0:
+                    log.warning("rank %s: lease expired; fencing this rank", self.cfg.id)
+                    self.fenced.set()
+                    return
+            except EtcdUnavailableError as e:
+                # etcd restarting keeps leases alive; keep trying.
+                log.warning("rank %s: cannot refresh lease: %s", self.cfg.id, e)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        call(self.client.put, f"update {self.key}", self.key, self._record().to_json(), lease=self.lease)
+
+    def drain(self) -> None:
+        """Ask to leave: the controller plans a scale-down in which this rank still
+        sends; once it is committed the agent deletes its key and stops."""
+        self.leaving = True
+        self._set_state("draining")
+
+    # -- plans -----------------------------------------------------------------------
+    def _get(self, name: str) -> bytes | None:
+        v, _ = call(self.client.get, f"get {self.root}/{name}", f"{self.root}/{name}")
+        return v
+
+    def poll_once(self) -> str:
+        if self.fenced.is_set():
+            self.register()
+            return "re-registered"
+        raw = self._get("plan")
+        if raw is not None:
+            try:
+                rec = PlanRecord.parse(f"{self.root}/plan", raw)
+            except MalformedValueError as e:
+                log.error("ignoring plan: %s", e)
+                rec = None
+            if rec is not None and rec.epoch > self.last_epoch:
+                return self._on_plan(rec)
+        raw = self._get("committed")
+        if raw is not None:
+            try:
+                c = CommitRecord.parse(f"{self.root}/committed", raw)
+            except MalformedValueError as e:
+                log.error("ignoring commit: %s", e)
+                return "bad commit"
+            if c.epoch > self.committed_epoch:
+                return self._on_commit(c)
+        return "idle"
+
+    def _on_plan(self, rec: PlanRecord) -> str:
+        self.last_epoch = rec.epoch
+        self.epochs_seen.append(rec.epoch)
+        leader = self._get("leader")
+        if leader is None or leader.decode() != rec.leader:
+            log.warning("refusing plan epoch %d from %s: the leader is %s", rec.epoch, rec.leader, leader)
+            return "refused: not leader"
+        if self.token not in rec.participants():
+            return "not a participant"
+        t0 = time.perf_counter()
+        try:
+            if rec.plan is None:
+                new_rank = rec.new_members.index(self.token)
+                self.load_initial(rec.placement, new_rank)
+                ack = AckRecord(rec.epoch, self.token, True, {"disk": 0}, {"load": time.perf_counter() - t0})
+            else:
+                old_rank = rec.old_members.index(self.token) if self.token in rec.old_members else None
+                new_rank = rec.new_members.index(self.token) if self.token in rec.new_members else None
+                store = EtcdStore(self.client, f"{self.root}/store/{rec.epoch}")
+                self.executor.store = store
+                report = self.executor.execute(rec.plan, old_rank, None if old_rank is not None else new_rank)
+                ack = AckRecord(rec.epoch, self.token, True, report.bytes_by_route(), report.phase_seconds)
+            if self.verify is not None and self.token in rec.new_members:
+                ack = AckRecord(ack.epoch, ack.id, ack.ok, ack.bytes, ack.phases, "",
+                                self.verify(rec.placement, rec.new_members.index(self.token)))
+        except ElasticEPError as e:
+            log.error("plan epoch %d failed: %s", rec.epoch, e)
+            ack = AckRecord(rec.epoch, self.token, False, error=str(e)[:2000])
+        call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
+        if not ack.ok:
+            # This rank's slots are now unknown: be a new member and get refilled.
+            call(self.client.delete, f"drop {self.key}", self.key)
+            self.register()
+        return "acked" if ack.ok else "failed"
+
+    def _on_commit(self, c: CommitRecord) -> str:
+        self.committed_epoch = c.epoch
+        if self.token in c.members:
+            self.rank = c.members.index(self.token)
+            self.placement = c.placement
+            if self.state == "joining":
+                self._set_state("active")
+            if self.on_commit is not None:
+                self.on_commit(c.placement, self.rank)
+            return f"committed as rank {self.rank}"
+        if self.leaving and self.last_epoch >= c.epoch:
+            call(self.client.delete, f"leave {self.key}", self.key)
+            self.left.set()
+            self._stop.set()
+            return "left"
+        return "not a member"
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or self._stop
+        self.register()
+        backoff = 0.1
+        while not stop.is_set() and not self._stop.is_set():
+            try:
+                self.poll_once()
+                backoff = 0.1
+                stop.wait(self.cfg.poll_s)
+            except EtcdUnavailableError as e:
+                log.warning("rank %s: etcd unavailable, waiting: %s", self.cfg.id, e)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def stop(self) -> None:
+        self._stop.set()

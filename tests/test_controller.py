@@ -1,0 +1,180 @@
+"""The control plane against a real etcd server: bootstrap, SIGKILL of a rank, graceful
+leave, leader fencing, malformed values, an unreachable etcd."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from controller.controller import Controller, ControllerConfig, ModelShape
+from controller.etcd_client import EtcdConfig, connect
+from controller.etcd_server import EtcdServer, free_port
+from controller.records import AckRecord, CommitRecord, PlanRecord
+from elastic_ep.errors import EtcdUnavailableError, NotLeaderError
+from elastic_ep.synthetic_rank import run_agent
+from loaders.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=3)
+SLOTS = 4
+
+
+@pytest.fixture
+def etcd():
+    with EtcdServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(d, SPEC)
+    return str(d)
+
+
+def _cfg(srv: EtcdServer, deployment: str = "t") -> EtcdConfig:
+    return EtcdConfig(srv.endpoint, deployment=deployment, timeout_s=2.0)
+
+
+def _controller(srv, cid="ctl-a", min_ranks=3, **kw) -> Controller:
+    return Controller(ControllerConfig(_cfg(srv), ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
+                                       id=cid, min_ranks=min_ranks, settle_s=0.3, leader_ttl_s=2, **kw))
+
+
+def _spawn_agents(srv, ckpt, ids, transport="torch"):
+    ctx = mp.get_context("spawn")
+    procs = {}
+    for rid in ids:
+        p = ctx.Process(target=run_agent, args=(_cfg(srv), rid, ckpt, SPEC, SLOTS, transport, 2), daemon=True)
+        p.start()
+        procs[rid] = p
+    return procs
+
+
+def _wait(pred, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _committed(client, root) -> CommitRecord | None:
+    v, _ = client.get(f"{root}/committed")
+    return None if v is None else CommitRecord.parse("committed", v)
+
+
+def _acks(client, root, epoch) -> list[AckRecord]:
+    acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
+    return [a for a in acks if a.epoch == epoch]
+
+
+@pytest.fixture
+def cluster(etcd, ckpt):
+    """A leader controller in a thread and 3 agent processes, bootstrapped."""
+    ctl = _controller(etcd)
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    t.start()
+    procs = _spawn_agents(etcd, ckpt, ["r0", "r1", "r2"])
+    client = connect(_cfg(etcd))
+    root = _cfg(etcd).root
+    try:
+        c = _wait(lambda: _committed(client, root), 90, "bootstrap commit")
+        yield ctl, procs, client, root, c
+    finally:
+        stop.set()
+        t.join(10)
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def _check_invariants(client, root, c: CommitRecord) -> None:
+    c.placement.validate()
+    acks = _acks(client, root, c.epoch)
+    assert {a.id for a in acks} >= set(c.members)
+    for a in acks:
+        assert a.ok, a.error
+        if a.id in c.members:
+            assert a.mismatched == 0, f"{a.id}: {a.mismatched} slots not bit-exact"
+
+
+def test_bootstrap_then_sigkill_recovers(cluster):
+    ctl, procs, client, root, c1 = cluster
+    assert len(c1.members) == 3
+    _check_invariants(client, root, c1)
+    victim = c1.members[1].split("#")[0]
+    t0 = time.monotonic()
+    os.kill(procs[victim].pid, signal.SIGKILL)
+    c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 60, "recovery commit")
+    print(f"recovered in {time.monotonic() - t0:.2f} s; phases {c2.phases}; bytes {c2.bytes}")
+    assert len(c2.members) == 2 and all(not m.startswith(victim + "#") for m in c2.members)
+    _check_invariants(client, root, c2)
+    # Experts only on the victim came from disk; everything else from peers or locally.
+    plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
+    missing = sum(len(m) for m in plan.plan.missing)
+    assert c2.bytes.get("disk", 0) >= missing * SPEC.expert_bytes
+    assert {"detect", "plan", "transfer"} <= set(c2.phases)
+
+
+def test_graceful_leave_and_join(cluster, etcd, ckpt):
+    ctl, procs, client, root, c1 = cluster
+    # A new rank joins: a scale-up plan fills it from peers.
+    procs.update(_spawn_agents(etcd, ckpt, ["r3"]))
+    c2 = _wait(lambda: (c := _committed(client, root)) and len(c.members) == 4 and c, 60, "scale-up commit")
+    _check_invariants(client, root, c2)
+    assert c2.bytes.get("peer", 0) > 0 and c2.bytes.get("disk", 0) == 0
+    # r0 drains: set its state; it sends, then deletes its key after the commit.
+    key = f"{root}/ranks/r0"
+    rec = json.loads(client.get(key)[0])
+    rec["state"] = "draining"
+    lease_id = client.get(key)[1].lease_id
+    client.put(key, json.dumps(rec), lease=lease_id)
+    c3 = _wait(lambda: (c := _committed(client, root)) and len(c.members) == 3 and c, 60, "scale-down commit")
+    _check_invariants(client, root, c3)
+    assert c3.bytes.get("disk", 0) == 0, "a drained rank's experts must come from it, not disk"
+
+
+def test_stale_leader_publish_refused(etcd):
+    a = _controller(etcd, "ctl-a", min_ranks=1)
+    b = _controller(etcd, "ctl-b", min_ranks=1)
+    assert a.election.campaign() and not b.election.campaign()
+    rec = PlanRecord(1, "ctl-a", [], ["x#1"], None,
+                     __import__("elastic_ep.placement", fromlist=["initial_placement"]).initial_placement(
+                         SPEC.layers, SPEC.experts, 2, SLOTS), "test")
+    # a's lease is lost (as after a long pause); b takes over.
+    a.client.revoke_lease(a.election.lease.id)
+    assert _wait(lambda: b.election.campaign(), 10, "b to win")
+    with pytest.raises(NotLeaderError, match="ctl-a"):
+        a.publish(rec, 0)
+    assert not a.election.is_leader()
+    b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
+    with pytest.raises(NotLeaderError):  # and b cannot publish on a stale epoch either
+        b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
+
+
+def test_malformed_values_reported_not_fatal(etcd):
+    ctl = _controller(etcd, min_ranks=5)
+    root = ctl.root
+    ctl.client.put(f"{root}/ranks/bad", "{not json")
+    ctl.client.put(f"{root}/ranks/wrong", json.dumps({"schema": 1, "id": "wrong", "host": "h", "device": "cpu", "node": "", "state": "zombie"}))
+    ctl.client.put(f"{root}/plan", json.dumps({"schema": 99}))
+    assert ctl.election.campaign()
+    what = ctl.step()
+    assert what.startswith("bootstrap")
+    v = ctl.view()
+    assert len(v.malformed) == 3 and any("zombie" in m for m in v.malformed) and any("schema 99" in m for m in v.malformed)
+
+
+def test_unreachable_etcd_is_typed():
+    with pytest.raises(EtcdUnavailableError, match="unreachable|UNAVAILABLE|DEADLINE"):
+        connect(EtcdConfig(f"127.0.0.1:{free_port()}", timeout_s=1.0))
