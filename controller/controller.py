@@ -293,6 +293,9 @@ class Controller:
         plan = build_plan(placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1,
                           nodes=[active[tokens[m]].node if tokens[m] in active else "" for m in members]
                           + [active[r].node for r in joining])
+        if not changed and not plan.transfers:
+            self._last_rebalance = now  # the policy keeps the placement: nothing to move
+            return "balanced as well as the policy can"
         new_members = [members[o] for o in mapping.new_to_old()[: mapping.num_surviving]] + [member_token(active[r]) for r in joining]
         rec = PlanRecord(view.epoch + 1, self.cfg.id, list(members), new_members, plan, new, reason)
         t_plan = time.monotonic() - t0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from controller.etcd_client import EtcdConfig, EtcdStore, call, connect
-from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord
+from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
 
 from .errors import ElasticEPError, EtcdUnavailableError, MalformedValueError
 from .executor import PlanExecutor
@@ -39,6 +39,8 @@ class AgentConfig:
     lease_ttl_s: int = 3
     poll_s: float = 0.05
     endpoint: dict[str, Any] = field(default_factory=dict)
+    load_period_s: float = 5.0
+    """How often the load window is published (when the agent has a load source)."""
 
 
 class RankAgent:
@@ -46,20 +48,23 @@ class RankAgent:
 
     Args:
         executor: applies plans to this process's weights (transport and disk inside).
-        load_initial: ``(placement, rank) -> None`` fills this rank's slots at bootstrap
-            (the serving engine's own start-up load).
+        load_initial: ``(placement, rank) -> bytes read`` fills this rank's slots at
+            bootstrap (the serving engine's own start-up load).
         on_commit: ``(placement, rank) -> None`` called with each committed placement this
             rank is part of (the serving engine switches to it).
         verify: optional ``(placement, rank) -> mismatched slot count``, reported in acks.
+        load_window: optional ``() -> [num_layers, num_logical]`` tokens this rank routed
+            to each logical expert since the last call; published for the controller.
     """
 
     def __init__(
         self,
         cfg: AgentConfig,
         executor: PlanExecutor,
-        load_initial: Callable[[ExpertPlacement, int], None],
+        load_initial: Callable[[ExpertPlacement, int], int | None],
         on_commit: Callable[[ExpertPlacement, int], None] | None = None,
         verify: Callable[[ExpertPlacement, int], int] | None = None,
+        load_window: Callable[[], Any] | None = None,
         client: Any = None,
     ) -> None:
         self.cfg = cfg
@@ -67,6 +72,8 @@ class RankAgent:
         self.root = cfg.etcd.root
         self.executor = executor
         self.load_initial, self.on_commit, self.verify = load_initial, on_commit, verify
+        self.load_window = load_window
+        self._load_at = 0.0
         self.key = f"{self.root}/ranks/{cfg.id}"
         self.lease: Any = None
         self.incarnation = ""
@@ -164,8 +171,8 @@ class RankAgent:
         try:
             if rec.plan is None:
                 new_rank = rec.new_members.index(self.token)
-                self.load_initial(rec.placement, new_rank)
-                ack = AckRecord(rec.epoch, self.token, True, {"disk": 0}, {"load": time.perf_counter() - t0})
+                loaded = self.load_initial(rec.placement, new_rank) or 0
+                ack = AckRecord(rec.epoch, self.token, True, {"disk": int(loaded)}, {"load": time.perf_counter() - t0})
             else:
                 old_rank = rec.old_members.index(self.token) if self.token in rec.old_members else None
                 new_rank = rec.new_members.index(self.token) if self.token in rec.new_members else None
@@ -203,6 +210,17 @@ class RankAgent:
             return "left"
         return "not a member"
 
+    def publish_load(self) -> None:
+        """Publish this rank's load window (``load/<id>``), at most every ``load_period_s``."""
+        now = time.monotonic()
+        if self.load_window is None or now - self._load_at < self.cfg.load_period_s:
+            return
+        window = now - self._load_at if self._load_at else self.cfg.load_period_s
+        self._load_at = now
+        rows = [[float(x) for x in row] for row in self.load_window()]
+        call(self.client.put, f"load {self.cfg.id}", f"{self.root}/load/{self.cfg.id}",
+             LoadRecord(self.cfg.id, rows, window).to_json())
+
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or self._stop
         self.register()
@@ -210,6 +228,7 @@ class RankAgent:
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.poll_once()
+                self.publish_load()
                 backoff = 0.1
                 stop.wait(self.cfg.poll_s)
             except EtcdUnavailableError as e:

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--scheme", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
     mk.add_argument("--dense-layers", type=int, default=0, help="dense layers before the first MoE layer")
     mk.set_defaults(func=cmd_make_checkpoint)
+
+    from controller.cli import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -231,11 +231,16 @@ def run_agent(
     tp = get_transport(transport, layout)
     ex = PlanExecutor(weights, layout, tp, disk, None, source_timeout_s=source_timeout_s,
                       dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4))
+    from .load_stats import zipf_load
+
+    # One popularity for the whole deployment (seeded by the model), as the ranks of one
+    # serving deployment would count it.
     agent = RankAgent(
         AgentConfig(etcd, rank_id, node=node, lease_ttl_s=lease_ttl_s, endpoint={"transport": transport}),
         ex,
-        load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights) and None,
+        load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights),
         verify=lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights)),
+        load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, spec.seed),
     )
     try:
         agent.run(stop)

@@ -178,3 +178,51 @@ def test_malformed_values_reported_not_fatal(etcd):
 def test_unreachable_etcd_is_typed():
     with pytest.raises(EtcdUnavailableError, match="unreachable|UNAVAILABLE|DEADLINE"):
         connect(EtcdConfig(f"127.0.0.1:{free_port()}", timeout_s=1.0))
+
+
+def test_imbalance_triggers_rebalance_without_membership_change(etcd, ckpt):
+    """Ranks publish a skewed load; a controller with a balance threshold rebalances the
+    committed placement in place (same ranks, identity mapping), bit-exact."""
+    ctl = _controller(etcd, min_ranks=2, imbalance_threshold=0.99, rebalance_cooldown_s=0.0)
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    t.start()
+    procs = _spawn_agents(etcd, ckpt, ["r0", "r1"])
+    client = connect(_cfg(etcd))
+    root = _cfg(etcd).root
+    try:
+        c1 = _wait(lambda: _committed(client, root), 90, "bootstrap commit")
+        # The bootstrap used a uniform load (no windows yet); the agents' skewed windows
+        # arrive within load_period_s and push balance below 0.99.
+        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 60, "rebalance commit")
+        plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
+        assert plan.plan.mapping.is_identity and "imbalance" in plan.reason
+        assert c2.members == c1.members
+        _check_invariants(client, root, c2)
+    finally:
+        stop.set()
+        t.join(10)
+        for p in procs.values():
+            p.kill()
+            p.join(5)
+
+
+def test_metrics_and_health_endpoint():
+    import urllib.request
+
+    from controller.metrics import ControllerMetrics, serve
+
+    m = ControllerMetrics()
+    m.epoch.set(7)
+    m.bytes.labels(route="peer").inc(1024)
+    srv = serve(m, "127.0.0.1", 0, stale_s=0.5)
+    try:
+        base = f"http://127.0.0.1:{srv.server_port}"
+        body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        assert "elastic_ep_epoch 7.0" in body and 'elastic_ep_transfer_bytes_total{route="peer"} 1024.0' in body
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        time.sleep(0.6)  # no reconcile pass since: stale
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(f"{base}/healthz", timeout=5)
+    finally:
+        srv.shutdown()

@@ -1,0 +1,137 @@
+"""Controllers and ranks as separate `elastic-ep` processes against a real etcd: the
+leader killed, etcd restarted mid-run, a rank killed after each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from controller.cli import status
+from controller.etcd_client import EtcdConfig, connect
+from controller.etcd_server import EtcdServer
+from controller.records import AckRecord, CommitRecord
+from loaders.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=1, seed=5)
+SLOTS = 4
+
+
+def _wait(pred, timeout: float, what: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+        except Exception:  # etcd briefly away during a restart
+            v = None
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, srv: EtcdServer, ckpt: str, logdir: str) -> None:
+        self.srv, self.ckpt, self.logdir = srv, ckpt, logdir
+        self.cfg = EtcdConfig(srv.endpoint, deployment="fo", timeout_s=2.0)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(os.path.join(self.logdir, f"{name}.log"), "wb")
+        cmd = [sys.executable, "-m", "elastic_ep.cli", *args, "--etcd", self.srv.endpoint, "--deployment", "fo"]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def controller(self, cid: str) -> None:
+        self._spawn(cid, ["controller", "--id", cid, "--layers", str(SPEC.layers), "--experts", str(SPEC.experts),
+                          "--slots", str(SLOTS), "--expert-bytes", str(SPEC.expert_bytes), "--min-ranks", "3",
+                          "--settle", "0.3", "--leader-ttl", "2", "--metrics-port", "-1"])
+
+    def agent(self, rid: str) -> None:
+        self._spawn(rid, ["agent", "--id", rid, "--ckpt", self.ckpt, "--layers", str(SPEC.layers),
+                          "--experts", str(SPEC.experts), "--hidden", str(SPEC.hidden),
+                          "--intermediate", str(SPEC.intermediate), "--seed", str(SPEC.seed),
+                          "--slots", str(SLOTS), "--lease-ttl", "2"])
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+    def committed(self) -> CommitRecord | None:
+        v, _ = connect(self.cfg).get(f"{self.cfg.root}/committed")
+        return None if v is None else CommitRecord.parse("committed", v)
+
+    def check(self, c: CommitRecord) -> None:
+        c.placement.validate()
+        client = connect(self.cfg)
+        acks = {a.id: a for a in (AckRecord.parse("ack", v) for v, _ in client.get_prefix(f"{self.cfg.root}/acks/"))}
+        for m in c.members:
+            assert m in acks and acks[m].epoch == c.epoch and acks[m].ok and acks[m].mismatched == 0, acks.get(m)
+
+    def logs(self) -> str:
+        out = []
+        for name in self.procs:
+            with open(os.path.join(self.logdir, f"{name}.log"), "rb") as f:
+                out.append(f"--- {name}\n" + f.read().decode(errors="replace")[-3000:])
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, SPEC)
+    with EtcdServer() as srv:
+        c = Cluster(srv, str(ckpt), str(tmp_path))
+        try:
+            c.controller("ctl-a")
+            _wait(lambda: status(c.cfg)["leader"] == "ctl-a", 30, "ctl-a to lead")
+            c.controller("ctl-b")
+            for r in ("r0", "r1", "r2"):
+                c.agent(r)
+            _wait(lambda: c.committed(), 90, "bootstrap commit")
+            yield c
+        except BaseException:
+            print(c.logs())
+            raise
+        finally:
+            c.close()
+
+
+def test_leader_killed_then_rank_killed(cluster):
+    c1 = cluster.committed()
+    cluster.check(c1)
+    cluster.kill("ctl-a")
+    _wait(lambda: status(cluster.cfg)["leader"] == "ctl-b", 30, "ctl-b to take over")
+    victim = c1.members[0].split("#")[0]
+    cluster.kill(victim)
+    c2 = _wait(lambda: (c := cluster.committed()) and c.epoch > c1.epoch and c, 60, "recovery by ctl-b")
+    assert len(c2.members) == 2 and not any(m.startswith(victim + "#") for m in c2.members)
+    cluster.check(c2)
+
+
+def test_etcd_restart_declares_nobody_dead(cluster):
+    c1 = cluster.committed()
+    cluster.srv.stop()
+    time.sleep(3.0)  # longer than the ranks' 2 s lease TTL
+    cluster.srv.start()
+    # Leases survive a restart (etcd extends them), so no rank is declared dead.
+    time.sleep(3.0)
+    s = status(cluster.cfg)
+    assert s["committed_epoch"] == c1.epoch and len(s["ranks"]) == 3, s
+    assert all(p.poll() is None for p in cluster.procs.values()), cluster.logs()
+    # The control plane still works: a rank killed now is recovered.
+    victim = c1.members[2].split("#")[0]
+    cluster.kill(victim)
+    c2 = _wait(lambda: (c := cluster.committed()) and c.epoch > c1.epoch and c, 60, "recovery after restart")
+    assert len(c2.members) == 2
+    cluster.check(c2)
