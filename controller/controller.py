@@ -287,7 +287,10 @@ class Controller:
         t0 = time.monotonic()
         mapping = RankMapping.build(len(members), dead=dead, leaving=leaving, num_joining=len(joining))
         if mapping.new_ep_size * ms.slots_per_rank < ms.num_logical:
-            log.error("%d ranks cannot hold %d experts; waiting for ranks to join", mapping.new_ep_size, ms.num_logical)
+            if self._seen_change is not None and self._seen_change[0] != ("too few", mapping.new_ep_size):
+                log.error("%d ranks x %d slots cannot hold %d experts; waiting for ranks to join",
+                          mapping.new_ep_size, ms.slots_per_rank, ms.num_logical)
+            self._seen_change = (("too few", mapping.new_ep_size), now)
             return "too few ranks"
         new = self.policy.rebalance(placement, mapping, load)
         plan = build_plan(placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1,

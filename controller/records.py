@@ -92,11 +92,14 @@ class RankRecord:
 
 @dataclass(frozen=True)
 class LoadRecord:
-    """A rank's expert load window: ``load[layer][logical]`` tokens over ``window_s``."""
+    """A rank's expert load window: ``load[layer][logical]`` tokens over ``window_s``;
+    ``served``: requests it answered so far, ``{"ok": n, "bad": m}`` (bad: a slot whose
+    bytes were wrong, from a rank that checks)."""
 
     id: str
     load: list[list[float]]
     window_s: float
+    served: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"schema": SCHEMA, **asdict(self)})
@@ -107,7 +110,8 @@ class LoadRecord:
         load = _field(key, d, "load", list)
         if not all(isinstance(row, list) and all(isinstance(x, (int, float)) and x >= 0 for x in row) for row in load):
             raise MalformedValueError(f"{key}: load must be a list of lists of non-negative numbers")
-        return cls(_field(key, d, "id", str), load, float(_field(key, d, "window_s", (int, float))))
+        return cls(_field(key, d, "id", str), load, float(_field(key, d, "window_s", (int, float))),
+                   _field(key, d, "served", dict, True) or {})
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,11 @@ class RankAgent:
         self.left = threading.Event()
         self._stop = threading.Event()
         self.epochs_seen: list[int] = []
+        self.busy = threading.Lock()
+        """Held while the weights change: serving pauses (as vLLM's EPLB pauses the step)."""
+        self.holding: tuple[ExpertPlacement, int] | None = None
+        """(placement, rank) the weights hold now: set once a plan's writes are done."""
+        self.served: dict[str, int] = {"ok": 0, "bad": 0}
 
     @property
     def token(self) -> str:
@@ -168,6 +173,7 @@ class RankAgent:
         if self.token not in rec.participants():
             return "not a participant"
         t0 = time.perf_counter()
+        self.busy.acquire()
         try:
             if rec.plan is None:
                 new_rank = rec.new_members.index(self.token)
@@ -183,9 +189,13 @@ class RankAgent:
             if self.verify is not None and self.token in rec.new_members:
                 ack = AckRecord(ack.epoch, ack.id, ack.ok, ack.bytes, ack.phases, "",
                                 self.verify(rec.placement, rec.new_members.index(self.token)))
+            self.holding = (rec.placement, rec.new_members.index(self.token)) if self.token in rec.new_members else None
         except ElasticEPError as e:
             log.error("plan epoch %d failed: %s", rec.epoch, e)
             ack = AckRecord(rec.epoch, self.token, False, error=str(e)[:2000])
+            self.holding = None
+        finally:
+            self.busy.release()
         call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
         if not ack.ok:
             # This rank's slots are now unknown: be a new member and get refilled.
@@ -219,7 +229,7 @@ class RankAgent:
         self._load_at = now
         rows = [[float(x) for x in row] for row in self.load_window()]
         call(self.client.put, f"load {self.cfg.id}", f"{self.root}/load/{self.cfg.id}",
-             LoadRecord(self.cfg.id, rows, window).to_json())
+             LoadRecord(self.cfg.id, rows, window, dict(self.served)).to_json())
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or self._stop

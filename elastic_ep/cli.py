@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from controller.cli import add_commands
 
+    from .demo import add_command as add_demo
+
     add_commands(sub)
+    add_demo(sub)
     return p
 
 

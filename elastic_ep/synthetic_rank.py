@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -242,7 +243,58 @@ def run_agent(
         verify=lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights)),
         load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, spec.seed),
     )
+    serving = threading.Thread(target=serve_requests, args=(agent, spec, layout, weights, agent._stop),
+                               name="elastic-ep-serve", daemon=True)
+    serving.start()
     try:
         agent.run(stop)
     finally:
+        agent.stop()
         tp.close()
+
+
+def serve_requests(agent: Any, spec: SyntheticSpec, layout: ExpertLayout, weights: list[dict[str, torch.Tensor]],
+                   stop: Any, tokens_per_step: int = 64, period_s: float = 0.05) -> None:
+    """A fake request stream: each step routes tokens to logical experts (Zipf-skewed),
+    picks a replica through the placement the weights hold, and for every token landing
+    on this rank checks that slot's bytes against the checkpoint's expert (a digest
+    cached per expert). Counts go to ``agent.served`` (published with the load)."""
+    import hashlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(abs(hash(agent.cfg.id)) % (1 << 32))
+    digests: dict[tuple[int, int], bytes] = {}
+
+    def digest_of(rows: dict[str, torch.Tensor]) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for name in layout.names:
+            h.update(rows[name].contiguous().view(torch.uint8).numpy().tobytes())
+        return h.digest()
+
+    popularity = 1.0 / np.arange(1, spec.experts + 1)
+    popularity /= popularity.sum()
+    while not stop.wait(period_s):
+        if not agent.busy.acquire(blocking=False):
+            continue  # the weights are changing: the step waits, as serving pauses
+        try:
+            held = agent.holding
+            if held is None:
+                continue
+            placement, rank = held
+            spr = placement.slots_per_rank
+            log2phy = placement.log2phy
+            layers = rng.integers(0, spec.layers, tokens_per_step)
+            experts = rng.choice(spec.experts, tokens_per_step, p=popularity)
+            for layer, e in zip(layers.tolist(), experts.tolist()):
+                replicas = log2phy[layer, e]
+                slot = int(rng.choice(replicas[replicas >= 0]))
+                if slot // spr != rank:
+                    continue  # another rank serves this token
+                want = digests.get((layer, e))
+                if want is None:
+                    want = digests[(layer, e)] = digest_of(expected_row(spec, layout, layer, e))
+                got = digest_of({n: weights[layer][n][slot % spr] for n in layout.names})
+                agent.served["ok" if got == want else "bad"] += 1
+        finally:
+            agent.busy.release()
