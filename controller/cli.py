@@ -79,7 +79,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden, intermediate=args.intermediate,
                          dtype=args.dtype, seed=args.seed, dense_layers=args.dense_layers)
     run_agent(etcd_config(args), args.id, args.ckpt, spec, args.slots, args.transport, args.lease_ttl,
-              node=args.node, stop=_stop_on_signals())
+              node=args.node, stop=_stop_on_signals(), routes=args.routes, check=not args.no_check)
     return 0
 
 
@@ -157,6 +157,10 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
     a.add_argument("--lease-ttl", type=int, default=3)
     a.add_argument("--node", default="")
+    a.add_argument("--routes", nargs="+", default=["local", "peer", "disk"], choices=["local", "peer", "disk"],
+                   help="routes the rank may use; 'disk' alone reloads every changed expert from disk (baseline)")
+    a.add_argument("--no-check", action="store_true",
+                   help="skip the bit-exact checks and the request stream (for timing runs)")
     a.add_argument("-v", "--verbose", action="store_true")
     a.set_defaults(func=cmd_agent)
 

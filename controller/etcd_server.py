@@ -56,6 +56,7 @@ class EtcdServer:
             )
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="elastic-ep-etcd-")
+        os.makedirs(self.data_dir, exist_ok=True)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.tls = tls

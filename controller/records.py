@@ -100,6 +100,8 @@ class LoadRecord:
     load: list[list[float]]
     window_s: float
     served: dict[str, int] = field(default_factory=dict)
+    epochs: list[int] = field(default_factory=list)
+    """Plan epochs this rank has seen, in the order it saw them (must only increase)."""
 
     def to_json(self) -> str:
         return json.dumps({"schema": SCHEMA, **asdict(self)})
@@ -111,7 +113,7 @@ class LoadRecord:
         if not all(isinstance(row, list) and all(isinstance(x, (int, float)) and x >= 0 for x in row) for row in load):
             raise MalformedValueError(f"{key}: load must be a list of lists of non-negative numbers")
         return cls(_field(key, d, "id", str), load, float(_field(key, d, "window_s", (int, float))),
-                   _field(key, d, "served", dict, True) or {})
+                   _field(key, d, "served", dict, True) or {}, _field(key, d, "epochs", list, True) or [])
 
 
 @dataclass(frozen=True)

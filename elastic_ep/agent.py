@@ -23,7 +23,7 @@ from typing import Any, Callable
 from controller.etcd_client import EtcdConfig, EtcdStore, call, connect
 from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
 
-from .errors import ElasticEPError, EtcdUnavailableError, MalformedValueError
+from .errors import EtcdUnavailableError, MalformedValueError
 from .executor import PlanExecutor
 from .placement import ExpertPlacement
 
@@ -39,7 +39,7 @@ class AgentConfig:
     lease_ttl_s: int = 3
     poll_s: float = 0.05
     endpoint: dict[str, Any] = field(default_factory=dict)
-    load_period_s: float = 5.0
+    load_period_s: float = 2.0
     """How often the load window is published (when the agent has a load source)."""
 
 
@@ -190,9 +190,9 @@ class RankAgent:
                 ack = AckRecord(ack.epoch, ack.id, ack.ok, ack.bytes, ack.phases, "",
                                 self.verify(rec.placement, rec.new_members.index(self.token)))
             self.holding = (rec.placement, rec.new_members.index(self.token)) if self.token in rec.new_members else None
-        except ElasticEPError as e:
-            log.error("plan epoch %d failed: %s", rec.epoch, e)
-            ack = AckRecord(rec.epoch, self.token, False, error=str(e)[:2000])
+        except Exception as e:  # whatever failed, the controller must hear of it
+            log.exception("plan epoch %d failed: %s", rec.epoch, e)
+            ack = AckRecord(rec.epoch, self.token, False, error=f"{type(e).__name__}: {e}"[:2000])
             self.holding = None
         finally:
             self.busy.release()
@@ -223,13 +223,13 @@ class RankAgent:
     def publish_load(self) -> None:
         """Publish this rank's load window (``load/<id>``), at most every ``load_period_s``."""
         now = time.monotonic()
-        if self.load_window is None or now - self._load_at < self.cfg.load_period_s:
-            return
+        if self.load_window is None or self.holding is None or now - self._load_at < self.cfg.load_period_s:
+            return  # a rank that holds no experts yet has served nothing
         window = now - self._load_at if self._load_at else self.cfg.load_period_s
         self._load_at = now
         rows = [[float(x) for x in row] for row in self.load_window()]
         call(self.client.put, f"load {self.cfg.id}", f"{self.root}/load/{self.cfg.id}",
-             LoadRecord(self.cfg.id, rows, window, dict(self.served)).to_json())
+             LoadRecord(self.cfg.id, rows, window, dict(self.served), list(self.epochs_seen[-64:])).to_json())
 
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or self._stop
@@ -241,8 +241,12 @@ class RankAgent:
                 self.publish_load()
                 backoff = 0.1
                 stop.wait(self.cfg.poll_s)
-            except EtcdUnavailableError as e:
+            except (EtcdUnavailableError, MalformedValueError) as e:
                 log.warning("rank %s: etcd unavailable, waiting: %s", self.cfg.id, e)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:  # a serving process's agent must not die of one bad pass
+                log.exception("rank %s: agent pass failed; retrying", self.cfg.id)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
 

@@ -153,6 +153,9 @@ class PlanExecutor:
         liveness: who is alive; default a store heartbeat (``dead_after_s``).
         on_phase: called with ``("local" | "peer" | "disk" | "barrier" | "write", layer)``
             as each phase of a layer starts (progress reporting, fault injection).
+        routes: the routes this executor may use; ``("disk",)`` reloads every changed
+            slot from the checkpoint (the baseline serving engines had before peer
+            transfer, for benchmarks). Disk is always allowed.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class PlanExecutor:
         liveness: Liveness | None = None,
         prefix: str = "elastic-ep/exec",
         on_phase: Callable[[str, int], None] | None = None,
+        routes: Sequence[str] = ROUTES,
     ) -> None:
         self.layout = layout
         self.weights = [layout.check_weights(w, f"layer {i}")[0] for i, w in enumerate(weights)]
@@ -184,6 +188,10 @@ class PlanExecutor:
         self.liveness = liveness
         self.prefix = prefix
         self.on_phase = on_phase or (lambda phase, layer: None)
+        unknown = set(routes) - set(ROUTES)
+        if unknown:
+            raise ConfigError(f"unknown routes {sorted(unknown)}; choose from {list(ROUTES)}")
+        self.routes = frozenset(routes) | {"disk"}
         self.last_epoch = -1
         if disk is not None and disk.layout.expert_bytes != layout.expert_bytes:
             raise ConfigError(
@@ -291,7 +299,7 @@ class PlanExecutor:
         t = time.perf_counter()
         for i, tr in enumerate(recvs):
             src = tr.sources[0]
-            if src.route == "local":
+            if src.route == "local" and "local" in self.routes:
                 attempts[i] = 1
                 self.layout.pack_slot(named, src.slot, out=staging[offsets[i] : offsets[i] + eb])
                 done[i] = 0
@@ -358,7 +366,7 @@ class PlanExecutor:
         failed: set[int],
     ) -> torch.Tensor:
         tp = self.transport
-        if tp is None:
+        if tp is None or "peer" not in self.routes:
             return staging
         sends: list[PeerSend] = []
         if not tp.one_sided and old_rank is not None:

@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -218,10 +218,13 @@ def run_agent(
     source_timeout_s: float = 5.0,
     dead_after_s: float = 1.5,
     stop: Any = None,
+    routes: Sequence[str] = ("local", "peer", "disk"),
+    check: bool = True,
 ) -> None:
     """A stand-alone rank on synthetic weights, driven by the controller through etcd
     (``elastic-ep agent``): loads its slots at bootstrap, executes plans, and reports in
-    every ack how many of its slots are not bit-exact."""
+    every ack how many of its slots are not bit-exact (``check=False``: no checks and no
+    request stream, for timing runs)."""
     from loaders.transport import get_transport
 
     from .agent import AgentConfig, RankAgent
@@ -231,7 +234,7 @@ def run_agent(
     disk = SafetensorsExpertSource(ckpt_dir, spec.naming, layout, spec.moe_layer_ids)
     tp = get_transport(transport, layout)
     ex = PlanExecutor(weights, layout, tp, disk, None, source_timeout_s=source_timeout_s,
-                      dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4))
+                      dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4), routes=routes)
     from .load_stats import zipf_load
 
     # One popularity for the whole deployment (seeded by the model), as the ranks of one
@@ -240,12 +243,12 @@ def run_agent(
         AgentConfig(etcd, rank_id, node=node, lease_ttl_s=lease_ttl_s, endpoint={"transport": transport}),
         ex,
         load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights),
-        verify=lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights)),
+        verify=(lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights))) if check else None,
         load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, spec.seed),
     )
-    serving = threading.Thread(target=serve_requests, args=(agent, spec, layout, weights, agent._stop),
-                               name="elastic-ep-serve", daemon=True)
-    serving.start()
+    if check:
+        threading.Thread(target=serve_requests, args=(agent, spec, layout, weights, agent._stop),
+                         name="elastic-ep-serve", daemon=True).start()
     try:
         agent.run(stop)
     finally:

@@ -14,6 +14,7 @@ goes to disk; the next epoch builds a new group without the dead rank.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Sequence
@@ -52,17 +53,37 @@ class TorchTransport(PeerTransport):
         pass  # plain tensors: nothing to register
 
     def _connect(self, timeout: float) -> None:
-        # Every participant builds the group here; its rendezvous completes when all
-        # of them have connected, which the first exchange waits for.
+        # Every participant builds the group here; gloo's rendezvous waits for all of
+        # them. A participant dead before it connected leaves the group unbuildable:
+        # the epoch then runs without it (every read goes to disk), never crashes.
         store = dist.PrefixStore(f"{self.prefix}/{self.epoch}/pg/", self.store)
         t = timedelta(seconds=timeout)
-        if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(store, self.me, self.world, t)
+        self.group, self.broken = None, None
+        built: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                if self.backend == "gloo":
+                    built["group"] = dist.ProcessGroupGloo(store, self.me, self.world, t)
+                else:
+                    opts = dist.ProcessGroupNCCL.Options()
+                    opts._timeout = t
+                    built["group"] = dist.ProcessGroupNCCL(store, self.me, self.world, opts)
+            except (RuntimeError, TimeoutError, ValueError) as e:
+                built["error"] = str(e).splitlines()[0]
+
+        # gloo's full-mesh connect retries a peer that died after publishing its address
+        # for far longer than the group timeout; our deadline bounds it (the abandoned
+        # attempt ends on its own and its group is never used).
+        th = threading.Thread(target=build, name="elastic-ep-pg-connect", daemon=True)
+        th.start()
+        th.join(timeout)
+        if th.is_alive():
+            self.broken = f"the epoch {self.epoch} group did not form within {timeout:.0f} s (a participant is gone)"
+        elif "error" in built:
+            self.broken = f"the epoch {self.epoch} group could not be built: {built['error']}"
         else:
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = t
-            self.group = dist.ProcessGroupNCCL(store, self.me, self.world, opts)
-        self.broken = None
+            self.group = built["group"]
 
     def close_epoch(self) -> None:
         self.group = None  # a broken group's shutdown can block; let it be collected
@@ -70,9 +91,9 @@ class TorchTransport(PeerTransport):
     def exchange(
         self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
     ) -> list[BaseException | None]:
-        if self.group is None or self.table is None:
+        if self.table is None or self.store is None:
             raise ConfigError("torch transport: connect before exchange")
-        if self.broken is not None:
+        if self.broken is not None or self.group is None:
             err = TransportError(f"layer {layer}: the epoch {self.epoch} process group is broken ({self.broken})")
             return [err] * len(reads)
         assert self.staging is not None
