@@ -160,6 +160,7 @@ def test_stale_leader_publish_refused(etcd):
     b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
     with pytest.raises(NotLeaderError):  # and b cannot publish on a stale epoch either
         b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
+    b.election.resign()
 
 
 def test_malformed_values_reported_not_fatal(etcd):
@@ -173,6 +174,7 @@ def test_malformed_values_reported_not_fatal(etcd):
     assert what.startswith("bootstrap")
     v = ctl.view()
     assert len(v.malformed) == 3 and any("zombie" in m for m in v.malformed) and any("schema 99" in m for m in v.malformed)
+    ctl.election.resign()
 
 
 def test_unreachable_etcd_is_typed():
