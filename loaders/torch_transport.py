@@ -30,14 +30,24 @@ from .transport import PeerRead, PeerSend, PeerTransport, register_backend
 
 @register_backend("torch")
 class TorchTransport(PeerTransport):
-    """Options: ``backend`` ("gloo" or "nccl"; default from the weights' device)."""
+    """Options: ``backend`` ("gloo" or "nccl"; default from the weights' device);
+    ``interface``: the network interface gloo listens on, loopback unless configured
+    (name the cluster interface, e.g. ``"eth0"``, across hosts; None: gloo's default,
+    the address the host name resolves to)."""
 
     name = "torch"
     one_sided = False
 
-    def __init__(self, layout: ExpertLayout, prefix: str = "elastic-ep/transport", backend: str | None = None) -> None:
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        prefix: str = "elastic-ep/transport",
+        backend: str | None = None,
+        interface: str | None = "lo",
+    ) -> None:
         super().__init__(layout, prefix)
         self.backend = backend
+        self.interface = interface
         self.group: Any = None
         self.broken: str | None = None
 
@@ -64,7 +74,13 @@ class TorchTransport(PeerTransport):
         def build() -> None:
             try:
                 if self.backend == "gloo":
-                    built["group"] = dist.ProcessGroupGloo(store, self.me, self.world, t)
+                    opts = dist.ProcessGroupGloo._Options()
+                    opts._timeout = t
+                    opts._devices = [
+                        dist.ProcessGroupGloo.create_device(interface=self.interface) if self.interface
+                        else dist.ProcessGroupGloo.create_default_device()
+                    ]
+                    built["group"] = dist.ProcessGroupGloo(store, self.me, self.world, opts)
                 else:
                     opts = dist.ProcessGroupNCCL.Options()
                     opts._timeout = t
