@@ -81,9 +81,10 @@ class ClusterView:
     acks: dict[str, AckRecord]
     malformed: list[str]
 
-    def token(self, rid: str) -> str | None:
-        r = self.ranks.get(rid)
-        return None if r is None else f"{r.id}#{r.incarnation}"
+    def is_live(self, member: str) -> bool:
+        """True while ``member`` (``id#incarnation``) is registered as that incarnation."""
+        r = self.ranks.get(member.split("#")[0])
+        return r is not None and member_token(r) == member
 
 
 def member_token(rec: RankRecord) -> str:
@@ -104,7 +105,8 @@ class Controller:
         self._seen_change: tuple[Any, float] | None = None  # (membership signature, since)
         self._last_rebalance = time.monotonic()
         self._detected_at: float | None = None
-        self._phase_t: dict[str, float] = {}
+        self._transfer_started: dict[int, float] = {}  # epoch -> when its plan went out
+        self._phases: dict[int, dict[str, float]] = {}  # epoch -> detect and plan seconds
         self._reported_malformed: set[str] = set()
         self._watch_id: Any = None
 
@@ -180,12 +182,14 @@ class Controller:
                 total[k] = total.get(k, 0) + int(v)
         c = CommitRecord(rec.epoch, rec.new_members, rec.placement, phases, total)
         tx = self.client.transactions
+        t0 = time.monotonic()
         self._fenced(rec.epoch, [tx.put(f"{self.root}/committed", c.to_json())], f"commit epoch {rec.epoch}")
         # The epoch's scratch keys are no longer needed.
         call(self.client.delete_prefix, "clean store", f"{self.root}/store/")
         for route, n in total.items():
             self.metrics.bytes.labels(route=route).inc(n)
-        for ph, s in phases.items():
+        # detect and plan were observed when the plan went out.
+        for ph, s in (("transfer", phases.get("transfer", 0.0)), ("commit", time.monotonic() - t0)):
             self.metrics.phase.labels(phase=ph).observe(s)
         log.info("committed epoch %d: %d ranks, bytes %s, phases %s", rec.epoch, len(rec.new_members), total,
                  {k: round(v, 3) for k, v in phases.items()})
@@ -205,7 +209,7 @@ class Controller:
         uncommitted plan every live participant finished."""
         p, c = view.plan, view.committed
         if p is not None and (c is None or p.epoch > c.epoch):
-            live = [m for m in p.participants() if view.token(m.split("#")[0]) == m]
+            live = [m for m in p.participants() if view.is_live(m)]
             if all(view.acks.get(m) is not None and view.acks[m].ok for m in live):
                 return p.epoch, p.new_members, p.placement
             return None
@@ -221,12 +225,12 @@ class Controller:
         in_flight = p is not None and (c is None or p.epoch > c.epoch)
         if in_flight:
             assert p is not None
-            live = [m for m in p.participants() if view.token(m.split("#")[0]) == m]
+            live = [m for m in p.participants() if view.is_live(m)]
             done = [m for m in live if m in view.acks]
             failed = [m for m in done if not view.acks[m].ok]
             dead = [m for m in p.participants() if m not in live]
             if len(done) < len(live):
-                started = self._phase_t.setdefault(f"transfer{p.epoch}", now)
+                started = self._transfer_started.setdefault(p.epoch, now)
                 if now - started > self.cfg.ack_timeout_s:
                     log.error("epoch %d: no ack from %s within %.0f s", p.epoch, sorted(set(live) - set(done)), self.cfg.ack_timeout_s)
                 return "waiting for acks"
@@ -235,13 +239,9 @@ class Controller:
                 log.warning("epoch %d: participants dead %s, failed %s; planning again", p.epoch, dead, failed)
                 # Fall through: the base is this plan's placement (live ones finished).
             else:
-                t_tr = now - self._phase_t.pop(f"transfer{p.epoch}", now)
-                phases = dict(self._phase_t.pop(f"phases{p.epoch}", {}) or {})
-                phases["transfer"] = t_tr
-                t0 = time.monotonic()
+                phases = self._phases.pop(p.epoch, {})
+                phases["transfer"] = now - self._transfer_started.pop(p.epoch, now)
                 self.commit(p, view.acks, phases)
-                phases["commit"] = time.monotonic() - t0
-                self.metrics.phase.labels(phase="commit").observe(phases["commit"])
                 self._last_rebalance = now
                 return f"committed {p.epoch}"
         base = self._base(view)
@@ -259,11 +259,11 @@ class Controller:
                                                             self._load(view, (ms.num_layers, ms.num_logical)))
             rec = PlanRecord(view.epoch + 1, self.cfg.id, [], members, None, placement, "bootstrap")
             self.publish(rec, view.epoch)
-            self._phase_t[f"transfer{rec.epoch}"] = time.monotonic()
+            self._transfer_started[rec.epoch] = time.monotonic()
             return f"published bootstrap {rec.epoch}"
-        epoch0, members, placement = base
+        _, members, placement = base
         tokens = {m: m.split("#")[0] for m in members}
-        dead = [i for i, m in enumerate(members) if view.token(tokens[m]) != m]
+        dead = [i for i, m in enumerate(members) if not view.is_live(m)]
         leaving = [i for i, m in enumerate(members) if i not in dead and active[tokens[m]].state == "draining"]
         # A rank that re-registered has a new incarnation: its old member is dead.
         joining = sorted(r.id for r in active.values() if r.state == "joining" and member_token(r) not in members)
@@ -279,8 +279,8 @@ class Controller:
         elif in_flight:
             return "waiting"
         elif (self.cfg.imbalance_threshold > 0 and now - self._last_rebalance > self.cfg.rebalance_cooldown_s
-              and balance(placement, load) < self.cfg.imbalance_threshold):
-            reason = f"load imbalance {balance(placement, load):.3f} < {self.cfg.imbalance_threshold}"
+              and (b := balance(placement, load)) < self.cfg.imbalance_threshold):
+            reason = f"load imbalance {b:.3f} < {self.cfg.imbalance_threshold}"
         else:
             self._seen_change = None
             return "steady"
@@ -304,9 +304,10 @@ class Controller:
         t_plan = time.monotonic() - t0
         self.publish(rec, view.epoch)
         detect = (now - self._detected_at) if self._detected_at is not None else 0.0
-        self._phase_t[f"phases{rec.epoch}"] = {"detect": detect, "plan": t_plan}  # type: ignore[assignment]
-        self.metrics.phase.labels(phase="plan").observe(t_plan)
-        self._phase_t[f"transfer{rec.epoch}"] = time.monotonic()
+        self._phases[rec.epoch] = {"detect": detect, "plan": t_plan}
+        for ph in ("detect", "plan"):
+            self.metrics.phase.labels(phase=ph).observe(self._phases[rec.epoch][ph])
+        self._transfer_started[rec.epoch] = time.monotonic()
         self._detected_at = None
         self._seen_change = None
         return f"published {rec.epoch}"
