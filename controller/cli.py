@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 from elastic_ep.errors import ConfigError

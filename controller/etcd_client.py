@@ -157,6 +157,13 @@ def call(fn: Callable[..., T], what: str, *args: Any, **kwargs: Any) -> T:
         raise t from e
 
 
+def _as_bytes(value: Any) -> bytes:
+    """Store values as torch passes them: bytes-like as is, anything else as its text."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode()
+
+
 class EtcdStore(dist.Store):
     """The ``torch.distributed.Store`` API over etcd keys under ``root``: lets the plan
     executor's barrier, heartbeats and transport endpoints (and gloo's rendezvous) use
@@ -174,8 +181,7 @@ class EtcdStore(dist.Store):
         return self.root + key
 
     def set(self, key: str, value: Any) -> None:
-        v = value if isinstance(value, bytes) else str(value).encode() if not isinstance(value, (bytearray, memoryview)) else bytes(value)
-        call(self.client.put, f"store set {key}", self._k(key), v, lease=self.lease)
+        call(self.client.put, f"store set {key}", self._k(key), _as_bytes(value), lease=self.lease)
 
     def get(self, key: str) -> bytes:
         self.wait([key])
@@ -224,10 +230,9 @@ class EtcdStore(dist.Store):
 
     def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
         k = self._k(key)
-        exp = expected if isinstance(expected, bytes) else str(expected).encode()
-        des = desired if isinstance(desired, bytes) else str(desired).encode()
+        exp, des = _as_bytes(expected), _as_bytes(desired)
         cmp = (self.client.transactions.version(k) == 0) if exp == b"" else (self.client.transactions.value(k) == exp)
-        ok, _ = call(self.client.transaction, f"store compare_set {key}", compare=[cmp],
+        call(self.client.transaction, f"store compare_set {key}", compare=[cmp],
                      success=[self.client.transactions.put(k, des)], failure=[])
         v, _ = call(self.client.get, f"store get {key}", k)
         return bytes(v) if v is not None else exp

@@ -139,28 +139,27 @@ class RankAgent:
         v, _ = call(self.client.get, f"get {self.root}/{name}", f"{self.root}/{name}")
         return v
 
+    def _read_record(self, name: str, parse: Callable[[str, bytes], Any]) -> Any:
+        """The parsed value of ``<root>/<name>``; None when absent or malformed (logged)."""
+        raw = self._get(name)
+        if raw is None:
+            return None
+        try:
+            return parse(f"{self.root}/{name}", raw)
+        except MalformedValueError as e:
+            log.error("ignoring %s: %s", name, e)
+            return None
+
     def poll_once(self) -> str:
         if self.fenced.is_set():
             self.register()
             return "re-registered"
-        raw = self._get("plan")
-        if raw is not None:
-            try:
-                rec = PlanRecord.parse(f"{self.root}/plan", raw)
-            except MalformedValueError as e:
-                log.error("ignoring plan: %s", e)
-                rec = None
-            if rec is not None and rec.epoch > self.last_epoch:
-                return self._on_plan(rec)
-        raw = self._get("committed")
-        if raw is not None:
-            try:
-                c = CommitRecord.parse(f"{self.root}/committed", raw)
-            except MalformedValueError as e:
-                log.error("ignoring commit: %s", e)
-                return "bad commit"
-            if c.epoch > self.committed_epoch:
-                return self._on_commit(c)
+        rec = self._read_record("plan", PlanRecord.parse)
+        if rec is not None and rec.epoch > self.last_epoch:
+            return self._on_plan(rec)
+        c = self._read_record("committed", CommitRecord.parse)
+        if c is not None and c.epoch > self.committed_epoch:
+            return self._on_commit(c)
         return "idle"
 
     def _on_plan(self, rec: PlanRecord) -> str:

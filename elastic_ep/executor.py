@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -63,8 +64,12 @@ class Participants:
         except ValueError:
             raise PlanError(f"old rank {old_rank} is not a live participant (live: {list(self.old)})") from None
 
+    @cached_property
+    def _new_to_old(self) -> list[int]:
+        return self.mapping.new_to_old()
+
     def of_new(self, new_rank: int) -> int:
-        n2o = self.mapping.new_to_old()
+        n2o = self._new_to_old
         if not 0 <= new_rank < len(n2o):
             raise PlanError(f"new rank {new_rank} outside 0..{len(n2o) - 1}")
         old = n2o[new_rank]
