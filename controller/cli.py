@@ -51,6 +51,14 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def add_model_args(p: argparse.ArgumentParser, group: Any = None) -> None:
+    (group or p).add_argument("--model", metavar="MODEL_DIR",
+                              help="Hugging Face model directory (config.json and safetensors files)")
+    p.add_argument("--template", action="append", metavar="ROLE=PATH",
+                   help="with --model, for an architecture elastic-ep does not know: where each of gate, up, "
+                        "down is, e.g. gate=model.layers.{layer}.moe.experts.{expert}.w_in (repeat per role)")
+
+
 def cmd_controller(args: argparse.Namespace) -> int:
     from .controller import Controller, ControllerConfig, ModelShape
     from .metrics import ControllerMetrics, serve
@@ -58,7 +66,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     _logging(args.verbose)
     metrics = ControllerMetrics()
     cfg = ControllerConfig(
-        etcd_config(args), ModelShape(args.layers, args.experts, args.slots, args.expert_bytes), id=args.id,
+        etcd_config(args), model_shape(args), id=args.id,
         min_ranks=args.min_ranks, policy=args.policy, settle_s=args.settle, leader_ttl_s=args.leader_ttl,
         imbalance_threshold=args.imbalance_threshold,
     )
@@ -70,15 +78,54 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_shape(args: argparse.Namespace) -> Any:
+    """The placement's shape: from ``--model DIR`` (read like ``elastic-ep inspect``),
+    or from ``--layers --experts --expert-bytes``."""
+    from .controller import ModelShape
+
+    if args.model:
+        from loaders.hf_model import open_model
+
+        m = open_model(args.model, templates=parse_templates(args.template))
+        return ModelShape(m.layers, m.experts, args.slots, m.expert_bytes)
+    missing = [f"--{k.replace('_', '-')}" for k in ("layers", "experts", "expert_bytes") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"give --model MODEL_DIR, or all of {missing} (the placement's shape)")
+    return ModelShape(args.layers, args.experts, args.slots, args.expert_bytes)
+
+
+def parse_templates(items: list[str] | None) -> dict[str, str] | None:
+    """``["gate=a.{layer}.{expert}.w1", ...]`` -> role -> module path template."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        role, sep, template = item.partition("=")
+        if not sep or not role or not template:
+            raise ConfigError(f"--template {item!r}: expected ROLE=MODULE_PATH, e.g. "
+                              "gate=model.layers.{layer}.moe.experts.{expert}.w_in")
+        out[role] = template
+    return out
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from elastic_ep.synthetic_rank import run_agent
     from loaders.synthetic import SyntheticSpec
 
     _logging(args.verbose)
-    spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden, intermediate=args.intermediate,
-                         dtype=args.dtype, seed=args.seed, dense_layers=args.dense_layers)
-    run_agent(etcd_config(args), args.id, args.ckpt, spec, args.slots, args.transport, args.lease_ttl,
-              node=args.node, stop=_stop_on_signals(), routes=args.routes, check=not args.no_check)
+    if args.model:
+        from loaders.hf_model import open_model
+
+        spec: Any = open_model(args.model, templates=parse_templates(args.template))
+        ckpt = args.model
+    else:
+        spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden,
+                             intermediate=args.intermediate, dtype=args.dtype, seed=args.seed,
+                             dense_layers=args.dense_layers)
+        ckpt = args.ckpt
+    run_agent(etcd_config(args), args.id, ckpt, spec, args.slots, args.transport, args.lease_ttl,
+              node=args.node, stop=_stop_on_signals(), routes=args.routes, check=not args.no_check,
+              load_seed=args.seed)
     return 0
 
 
@@ -127,10 +174,11 @@ def add_commands(sub: Any) -> None:
     c = sub.add_parser("controller", help="run a controller replica (one leader is elected)")
     add_etcd_args(c)
     c.add_argument("--id", default=f"controller-{os.getpid()}")
-    c.add_argument("--layers", type=int, required=True, help="MoE layers")
-    c.add_argument("--experts", type=int, required=True, help="logical experts per layer")
+    add_model_args(c)
+    c.add_argument("--layers", type=int, help="MoE layers (without --model)")
+    c.add_argument("--experts", type=int, help="logical experts per layer (without --model)")
     c.add_argument("--slots", type=int, required=True, help="slots per rank")
-    c.add_argument("--expert-bytes", type=int, required=True)
+    c.add_argument("--expert-bytes", type=int, help="bytes of one expert (without --model)")
     c.add_argument("--min-ranks", type=int, default=1, help="ranks to wait for before the first placement")
     c.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
     c.add_argument("--settle", type=float, default=1.0, help="seconds a change must hold before planning")
@@ -141,10 +189,13 @@ def add_commands(sub: Any) -> None:
     c.add_argument("-v", "--verbose", action="store_true")
     c.set_defaults(func=cmd_controller)
 
-    a = sub.add_parser("agent", help="run a stand-alone rank holding synthetic expert weights")
+    a = sub.add_parser("agent", help="run a stand-alone rank holding a model's experts in CPU tensors")
     add_etcd_args(a)
     a.add_argument("--id", required=True)
-    a.add_argument("--ckpt", required=True, help="synthetic checkpoint directory (elastic-ep make-checkpoint)")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="synthetic checkpoint directory (elastic-ep make-checkpoint; with "
+                                    "--layers --experts --hidden --intermediate --dtype --seed --dense-layers)")
+    add_model_args(a, src)
     a.add_argument("--layers", type=int, default=2)
     a.add_argument("--experts", type=int, default=8)
     a.add_argument("--hidden", type=int, default=64)

@@ -99,6 +99,45 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """What elastic-ep sees in a Hugging Face model directory."""
+    from controller.cli import parse_templates
+    from loaders.hf_model import open_model
+
+    m = open_model(args.model_dir, templates=parse_templates(args.template))
+    d = m.to_dict()
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    ids = d["moe_layers"]
+    print(f"model: {m.directory} ({m.architecture}, family {m.family})")
+    print(f"quantization: {m.quantization}")
+    print(f"MoE layers: {len(ids)} (model layers {_ranges(ids)})")
+    print(f"routed experts per MoE layer: {m.experts}; {_fmt_bytes(d['routed_expert_bytes'])} of routed experts")
+    tensors = d["expert_tensors"]
+    print(f"one expert: {_fmt_bytes(m.expert_bytes)} ({m.expert_bytes} B) in {len(tensors)} tensors"
+          + (" (slice [expert] of stacked tensors)" if m.naming.stacked else ""))
+    for t in tensors:
+        print(f"  {t['name']:<64} {t['dtype']:<8} {str(t['shape']):<18} -> {t['serving_tensor']}")
+    print("serving layout (one slot): " + ", ".join(
+        f"{t['name']} {t['dtype']} {t['row_shape']}" for t in d["serving_layout"]))
+    print("left out:" + ("" if d["left_out"] else " nothing"))
+    for x in d["left_out"]:
+        print(f"  {x['what']}: {x['why']}")
+    print(f"checked: {d['tensors_checked']} expert tensors (names, shapes, dtypes) across every MoE layer")
+    return 0
+
+
+def _ranges(ids: list[int]) -> str:
+    out: list[list[int]] = []
+    for i in ids:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="elastic-ep", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--scheme", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
     mk.add_argument("--dense-layers", type=int, default=0, help="dense layers before the first MoE layer")
     mk.set_defaults(func=cmd_make_checkpoint)
+
+    ins = sub.add_parser("inspect", help="the routed experts of a Hugging Face model directory")
+    ins.add_argument("model_dir", help="directory with config.json and the safetensors files")
+    ins.add_argument("--template", action="append", metavar="ROLE=PATH",
+                     help="for an architecture elastic-ep does not know: where each of gate, up, down is, "
+                          "e.g. gate=model.layers.{layer}.moe.experts.{expert}.w_in (repeat per role)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.set_defaults(func=cmd_inspect)
 
     from controller.cli import add_commands
 

@@ -77,6 +77,11 @@ class TensorMismatchError(CheckpointError):
     expects; nothing is converted, so the two must agree exactly."""
 
 
+class UnsupportedModelError(CheckpointError):
+    """A model directory whose architecture elastic-ep does not know, given without a
+    naming template that would say where its experts are."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A file whose header or data region cannot be right: a header length beyond the
     file, invalid JSON, data offsets outside the file or not matching dtype x shape, a

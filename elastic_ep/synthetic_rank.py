@@ -1,9 +1,10 @@
-"""A stand-alone rank holding synthetic expert weights: what the demo, the chaos tests and
-the transfer benchmark run in each process in place of a serving engine.
+"""A stand-alone rank holding expert weights in plain tensors: what the demo, the chaos
+tests and the transfer benchmark run in each process in place of a serving engine.
 
-It loads its slots from a synthetic checkpoint through the disk loader (as a serving
-process loads its weights at start-up), executes a plan with :class:`PlanExecutor`, and
-checks every slot bit-exactly against the checkpoint's definition of its expert.
+It loads its slots from a checkpoint through the disk loader (as a serving process
+loads its weights at start-up): a synthetic one, or a Hugging Face model directory. It
+executes plans with :class:`PlanExecutor` and checks every slot bit-exactly against the
+checkpoint's expert (:class:`loaders.model.ExpertModel`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from loaders.layout import ExpertLayout
 from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource
-from loaders.synthetic import SyntheticSpec, expected_row
+from loaders.model import ExpertModel
 
 from .executor import PlanExecutor
 from .placement import ExpertPlacement
@@ -46,13 +47,13 @@ def load_rank(
 
 
 def mismatched_slots(
-    spec: SyntheticSpec, layout: ExpertLayout, placement: ExpertPlacement, rank: int, weights: list[dict[str, torch.Tensor]]
+    spec: ExpertModel, layout: ExpertLayout, placement: ExpertPlacement, rank: int, weights: list[dict[str, torch.Tensor]]
 ) -> list[tuple[int, int, int]]:
     """``(layer, slot, logical)`` of every slot whose bytes differ from its expert's."""
     bad = []
     for layer in range(placement.num_layers):
         for slot, e in enumerate(placement.rank_slots(rank)[layer]):
-            want = expected_row(spec, layout, layer, int(e))
+            want = spec.expected_row(layer, int(e))
             for name, w in weights[layer].items():
                 if not torch.equal(w[slot].cpu().view(torch.uint8), want[name].view(torch.uint8)):
                     bad.append((layer, slot, int(e)))
@@ -84,7 +85,7 @@ class RankJob:
     store_host: str
     store_port: int
     ckpt_dir: str
-    spec: SyntheticSpec
+    spec: ExpertModel
     plan_json: str
     old_rank: int | None
     new_rank: int | None = None
@@ -210,7 +211,7 @@ def run_agent(
     etcd: Any,
     rank_id: str,
     ckpt_dir: str,
-    spec: SyntheticSpec,
+    spec: ExpertModel,
     slots_per_rank: int,
     transport: str = "torch",
     lease_ttl_s: int = 3,
@@ -220,11 +221,13 @@ def run_agent(
     stop: Any = None,
     routes: Sequence[str] = ("local", "peer", "disk"),
     check: bool = True,
+    load_seed: int = 0,
 ) -> None:
-    """A stand-alone rank on synthetic weights, driven by the controller through etcd
-    (``elastic-ep agent``): loads its slots at bootstrap, executes plans, and reports in
-    every ack how many of its slots are not bit-exact (``check=False``: no checks and no
-    request stream, for timing runs)."""
+    """A stand-alone rank driven by the controller through etcd (``elastic-ep agent``):
+    loads its slots from ``ckpt_dir`` at bootstrap, executes plans, and reports in every
+    ack how many of its slots are not bit-exact (``check=False``: no checks and no
+    request stream, for timing runs). ``load_seed`` seeds the expert popularity its load
+    windows report (the same for every rank of a deployment)."""
     from loaders.transport import get_transport
 
     from .agent import AgentConfig, RankAgent
@@ -244,7 +247,7 @@ def run_agent(
         ex,
         load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights),
         verify=(lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights))) if check else None,
-        load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, spec.seed),
+        load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, load_seed),
     )
     if check:
         threading.Thread(target=serve_requests, args=(agent, spec, layout, weights, agent._stop),
@@ -256,7 +259,7 @@ def run_agent(
         tp.close()
 
 
-def serve_requests(agent: Any, spec: SyntheticSpec, layout: ExpertLayout, weights: list[dict[str, torch.Tensor]],
+def serve_requests(agent: Any, spec: ExpertModel, layout: ExpertLayout, weights: list[dict[str, torch.Tensor]],
                    stop: Any, tokens_per_step: int = 64, period_s: float = 0.05) -> None:
     """A fake request stream: each step routes tokens to logical experts (Zipf-skewed),
     picks a replica through the placement the weights hold, and for every token landing
@@ -296,7 +299,7 @@ def serve_requests(agent: Any, spec: SyntheticSpec, layout: ExpertLayout, weight
                     continue  # another rank serves this token
                 want = digests.get((layer, e))
                 if want is None:
-                    want = digests[(layer, e)] = digest_of(expected_row(spec, layout, layer, e))
+                    want = digests[(layer, e)] = digest_of(spec.expected_row(layer, e))
                 got = digest_of({n: weights[layer][n][slot % spr] for n in layout.names})
                 agent.served["ok" if got == want else "bad"] += 1
         finally:

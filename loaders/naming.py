@@ -16,6 +16,11 @@ Built-ins, chosen by name with :func:`get_scheme`:
 - ``template``: user-given format strings with ``{layer}`` and ``{expert}``, e.g.
   ``get_scheme("template", templates={"gate": "blocks.{layer}.moe.{expert}.wi_0",
   "up": "blocks.{layer}.moe.{expert}.wi_1", "down": "blocks.{layer}.moe.{expert}.wo"})``.
+
+Stacked schemes (gpt-oss, Llama 4) keep every expert of a layer in one tensor per
+parameter, the expert as dim 0 (``model.layers.{layer}.mlp.experts.gate_up_proj`` is
+``[num_experts, hidden, 2 * intermediate]``): their templates have ``{layer}`` only, and
+an expert is the slice ``[expert]`` of the tensor, one contiguous byte range.
 """
 
 from __future__ import annotations
@@ -40,37 +45,41 @@ class NamingScheme:
             ``{"gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj", ...}``.
         router: the router weight's name template with ``{layer}``, or ``None`` when
             unknown (synthetic checkpoints then write no router).
+        stacked: the expert is dim 0 of each tensor rather than part of its name
+            (templates then have ``{layer}`` only), e.g.
+            ``NamingScheme("gpt_oss", {"experts": "model.layers.{layer}.mlp.experts"}, stacked=True)``.
 
     ``layer`` is always the checkpoint's layer number, not the index among MoE layers.
+    Roles are free names; the built-in SwiGLU layouts use :data:`ROLES`.
     """
 
     name: str
     modules: Mapping[str, str]
     router: str | None = None
+    stacked: bool = False
 
     def __post_init__(self) -> None:
-        missing = [r for r in ROLES if r not in self.modules]
-        if missing:
-            raise ConfigError(
-                f"naming scheme {self.name!r} has no template for roles {missing}; "
-                f"give one format string for each of {list(ROLES)}"
-            )
+        if not self.modules:
+            raise ConfigError(f"naming scheme {self.name!r} has no module templates")
+        fields = {"layer"} if self.stacked else {"layer", "expert"}
         for role, template in self.modules.items():
-            _check_fields(self.name, role, template, {"layer", "expert"})
+            _check_fields(self.name, role, template, fields)
         if self.router is not None:
             _check_fields(self.name, "router", self.router, {"layer"})
         # A frozen copy, so that a caller's dict changing later cannot rename tensors.
         object.__setattr__(self, "modules", dict(self.modules))
 
     def tensor_name(self, layer: int, expert: int, role: str, param: str = "weight") -> str:
-        """``tensor_name(3, 17, "up")`` -> ``model.layers.3.mlp.experts.17.up_proj.weight``."""
+        """``tensor_name(3, 17, "up")`` -> ``model.layers.3.mlp.experts.17.up_proj.weight``;
+        stacked: the name of the tensor holding every expert (slice ``[expert]`` of it)."""
         try:
             module = self.modules[role]
         except KeyError:
             raise ConfigError(
                 f"naming scheme {self.name!r} has no role {role!r}; roles: {list(self.modules)}"
             ) from None
-        return f"{module.format(layer=layer, expert=expert)}.{param}"
+        path = module.format(layer=layer) if self.stacked else module.format(layer=layer, expert=expert)
+        return f"{path}.{param}"
 
     def router_name(self, layer: int) -> str | None:
         return None if self.router is None else self.router.format(layer=layer)
@@ -109,12 +118,14 @@ def get_scheme(
     """A built-in scheme by name, or ``"template"`` with ``templates`` (role -> module
     path with ``{layer}`` and ``{expert}``) and optionally a ``router`` template."""
     if name == "template":
-        if not templates:
+        missing = [r for r in ROLES if r not in (templates or {})]
+        if missing:
             raise ConfigError(
-                "naming scheme 'template' needs templates: a module path for each of "
-                f"{list(ROLES)} with {{layer}} and {{expert}}"
+                f"naming scheme 'template' has no template for roles {missing}: give a module "
+                f"path for each of {list(ROLES)} with {{layer}} and {{expert}}, e.g. "
+                "gate=model.layers.{layer}.moe.experts.{expert}.w_in"
             )
-        return NamingScheme("template", templates, router)
+        return NamingScheme("template", templates, router)  # type: ignore[arg-type]
     if templates is not None:
         raise ConfigError(f"templates are only for the 'template' scheme, not {name!r}")
     try:

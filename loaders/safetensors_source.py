@@ -37,6 +37,7 @@ from elastic_ep.errors import (
     ConfigError,
     CorruptCheckpointError,
     MissingFileError,
+    MissingTensorError,
     TensorMismatchError,
 )
 
@@ -152,6 +153,12 @@ class SafetensorsExpertSource:
         self.files = CheckpointFiles(directory)
         self.scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
         self.layout = layout
+        roles = sorted({s.part.role for s in layout.spans} - set(self.scheme.modules))
+        if roles:
+            raise ConfigError(
+                f"naming scheme {self.scheme.name!r} has no template for the layout's roles {roles} "
+                f"(it has {sorted(self.scheme.modules)}); use the scheme the layout was built for"
+            )
         self.moe_layer_ids = None if moe_layer_ids is None else [int(i) for i in moe_layer_ids]
         self.num_threads = num_threads
         self.read_chunk_bytes = read_chunk_bytes
@@ -334,15 +341,29 @@ class SafetensorsExpertSource:
                 name = self.scheme.tensor_name(ckpt_layer, expert, p.role, p.param)
                 path = self.files.file_of(name)
                 info = self._header(path, fds).tensor(name)
-                if info.dtype != span.dtype or info.shape != p.shape:
+                stacked = self.scheme.stacked
+                shape = info.shape[1:] if stacked else info.shape
+                if info.dtype != span.dtype or shape != p.shape:
+                    want = f"[num_experts, {', '.join(map(str, p.shape))}]" if stacked else str(list(p.shape))
                     raise TensorMismatchError(
                         f"{path}: tensor {name!r} (layer {layer} = checkpoint layer {ckpt_layer}, "
                         f"expert {expert}) is {info.dtype_str} {list(info.shape)}, the serving "
                         f"layout's {span.tensor} expects {DTYPE_NAMES.get(span.dtype, span.dtype)} "
-                        f"{list(p.shape)}; build the layout from the model's config "
-                        "(hidden, intermediate, dtype, fp8 scales)"
+                        f"{want}; build the layout from the model directory (loaders.hf_model) or "
+                        "from the model's config (hidden, intermediate, dtype, fp8 scales)"
                     )
-                reads.append(_Read(path, info.begin, base + span.offset, span.nbytes, name))
+                begin = info.begin
+                if stacked:
+                    # The expert's slice of a C-contiguous [num_experts, ...] tensor is one
+                    # byte range: read it and nothing else of the tensor.
+                    if expert >= info.shape[0]:
+                        raise MissingTensorError(
+                            f"{path}: tensor {name!r} (checkpoint layer {ckpt_layer}) stacks "
+                            f"{info.shape[0]} experts, expert {expert} is not among them; the "
+                            "placement's expert count does not match the checkpoint"
+                        )
+                    begin += expert * span.nbytes
+                reads.append(_Read(path, begin, base + span.offset, span.nbytes, name))
         return reads
 
     def _staging_buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:

@@ -116,6 +116,10 @@ class SyntheticSpec:
     def expert_bytes(self) -> int:
         return self.layout().expert_bytes
 
+    def expected_row(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """What a slot of the fused serving layout holding ``expert`` must contain."""
+        return expected_row(self, self.layout(), layer, expert)
+
 
 @dataclass(frozen=True)
 class CheckpointSummary:

@@ -142,7 +142,7 @@ def test_naming_schemes():
     ("template", {**TEMPLATES, "up": "blocks.{layer}.wi_1"}, "expected exactly"),
     ("template", {"gate": TEMPLATES["gate"]}, "no template for roles"),
     ("template", {**TEMPLATES, "gate": "blocks.{layer}.{expert}.{bad"}, "malformed"),
-    ("template", None, "needs templates"),
+    ("template", None, "no template for roles"),
     ("deepseek", TEMPLATES, "only for the 'template' scheme"),
     ("llama", None, "unknown naming scheme"),
 ])
