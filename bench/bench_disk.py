@@ -1,17 +1,21 @@
 """Disk fallback throughput: the safetensors expert loader against a plain sequential read.
 
-Writes (or reuses) a synthetic bf16 checkpoint of about ``--gb`` GB (4 MoE layers x 64
-experts of ~8 MiB by default, in ``--shards`` files), then, with the page cache dropped
-for its files before each measured read:
+For each of two layouts, bf16 and DeepSeek-V3's FP8 (e4m3 weights beside float32
+``weight_scale_inv`` per 128x128 block: four tensors of two dtypes per expert), writes
+(or reuses) a model directory of about ``--gb`` GB of experts (``config.json``, 4 MoE
+layers x 64 experts by default, in ``--shards`` files), opens it as a model directory
+(:func:`loaders.hf_model.open_model`), then, with the page cache dropped for its files
+before each measured read:
 
 - reads every file start to end with large reads (the baseline: what the disk gives);
-- for each k, loads k experts of every layer into CPU destination slots with
-  :class:`SafetensorsExpertSource`, and checks one loaded slot bit-exactly.
+- for each k, loads k experts of every layer into CPU destination slots with the
+  model's :class:`SafetensorsExpertSource`, and checks one loaded slot bit-exactly.
 
 It prints GB/s, seconds and bytes for each, whether the cache was really cold (pages of
 the files resident before each read, from ``mincore``), and last::
 
     disk_throughput_ratio=<loader GB/s at the largest k / sequential GB/s> bytes_read_ratio=<bytes read / bytes requested>
+    fp8_disk_throughput_ratio=... fp8_bytes_read_ratio=...
 
 Run: ``python bench/bench_disk.py [--gb 2] [--dir DIR] [--ks 1 8 32]``.
 """
@@ -26,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,18 +38,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loaders.safetensors_format import CheckpointFiles  # noqa: E402
-from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource  # noqa: E402
-from loaders.synthetic import SyntheticSpec, expected_row, make_checkpoint  # noqa: E402
+from loaders.safetensors_source import ExpertRequest  # noqa: E402
+from loaders.synthetic import SyntheticSpec, expected_row, hf_config, make_checkpoint  # noqa: E402
 
 SPEC_FILE = "bench_spec.json"
 READ_BLOCK = 16 << 20
 
 
-def bench_spec(gb: float, layers: int, experts: int, hidden: int, shards: int) -> SyntheticSpec:
-    """Intermediate size chosen so the experts total ``gb`` GB (a multiple of 64)."""
+def bench_spec(gb: float, layers: int, experts: int, hidden: int, shards: int, dtype: str = "bf16") -> SyntheticSpec:
+    """Intermediate size chosen so the experts total about ``gb`` GB (a multiple of 64;
+    fp8 experts are 1 byte per weight plus their block scales)."""
     per_expert = gb * 1e9 / (layers * experts)
-    intermediate = max(64, round(per_expert / (3 * hidden * 2) / 64) * 64)
-    return SyntheticSpec(layers=layers, experts=experts, hidden=hidden, intermediate=intermediate, shards=shards)
+    itemsize = 1 if dtype == "fp8" else 2
+    intermediate = max(64, round(per_expert / (3 * hidden * itemsize) / 64) * 64)
+    return SyntheticSpec(layers=layers, experts=experts, hidden=hidden, intermediate=intermediate, shards=shards,
+                         dtype=dtype)
 
 
 def prepare(directory: str, spec: SyntheticSpec) -> list[str]:
@@ -55,6 +63,10 @@ def prepare(directory: str, spec: SyntheticSpec) -> list[str]:
         with open(marker) as f:
             if json.load(f) == want:
                 print(f"reusing {directory}")
+                config = os.path.join(directory, "config.json")
+                if not os.path.exists(config):  # written by an older make_checkpoint
+                    with open(config, "w") as c:
+                        json.dump(hf_config(spec), c)
                 return CheckpointFiles(directory).files()
         raise SystemExit(f"{directory} holds another benchmark checkpoint; pass an empty --dir")
     t0 = time.perf_counter()
@@ -130,6 +142,78 @@ def sequential_read(paths: list[str]) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def measure(
+    directory: str, paths: list[str], model: Any, spec: SyntheticSpec, ks: list[int], threads: int, repeat: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The sequential read and the loader at each k, cold, interleaved ``repeat`` times;
+    the loader opened from the model directory (``loaders.hf_model``) as an operator's
+    would be. Returns per read: bytes requested and read, median seconds, GB/s, spread."""
+    layout = model.layout()
+    requests = {
+        k: [
+            ExpertRequest(layer, int(e), slot)
+            for layer in range(model.layers)
+            for slot, e in enumerate(sorted(rng.choice(model.experts, k, replace=False)))
+        ]
+        for k in ks
+    }
+    weights = [layout.allocate(max(ks), fill_byte=0) for _ in range(model.layers)]  # touched: no page faults timed
+    # The disk of a shared or virtual machine varies from second to second: every
+    # measurement is repeated, interleaved with the others, and the median is shown.
+    seconds: dict[str, list[float]] = {"sequential": [], **{f"loader k={k}": [] for k in ks}}
+    got: dict[str, int] = {}
+    cold: list[float | None] = []
+    method = ""
+    file_bytes = sum(os.path.getsize(p) for p in paths)
+    for _ in range(repeat):
+        method, left = drop_cache(paths)
+        cold.append(left)
+        got["sequential"], sec = sequential_read(paths)
+        seconds["sequential"].append(sec)
+        for k in ks:
+            src = model.source(num_threads=threads)
+            method, left = drop_cache(paths)
+            cold.append(left)
+            report = src.load(requests[k], weights)
+            src.close()
+            check = requests[k][-1]
+            want = expected_row(spec, layout, check.layer, check.expert)
+            assert all(torch.equal(weights[check.layer][n][check.slot].view(torch.uint8), want[n].view(torch.uint8))
+                       for n in layout.names), "wrong bytes"
+            got[f"loader k={k}"] = report.bytes_read
+            seconds[f"loader k={k}"].append(report.seconds)
+    requested = {"sequential": file_bytes, **{f"loader k={k}": k * model.layers * layout.expert_bytes for k in ks}}
+    rows = {}
+    for name, v in seconds.items():
+        med = float(np.median(v))
+        rows[name] = {"experts": "-" if name == "sequential" else len(requests[int(name.split("=")[1])]),
+                      "requested": requested[name], "read": got[name], "seconds": med, "gbps": got[name] / med / 1e9,
+                      "spread": f"{got[name] / max(v) / 1e9:.2f}..{got[name] / min(v) / 1e9:.2f}"}
+    return {"rows": rows, "cold": cold, "method": method}
+
+
+def report(title: str, r: dict[str, Any], repeat: int) -> tuple[float, float]:
+    """Print one table; returns (loader GB/s at the largest k / sequential GB/s,
+    bytes read / bytes requested over every loader run)."""
+    rows = r["rows"]
+    print(f"\n{title}: cache dropped before each read with {r['method']}; median of {repeat} runs")
+    print(f"{'read':<14}{'experts':>8}{'requested B':>15}{'read B':>15}{'seconds':>10}{'GB/s':>8}{'min..max GB/s':>16}")
+    for name, x in rows.items():
+        print(f"{name:<14}{x['experts']:>8}{x['requested']:>15,}{x['read']:>15,}{x['seconds']:>10.3f}"
+              f"{x['gbps']:>8.2f}{x['spread']:>16}")
+    cold = r["cold"]
+    worst = max((c for c in cold if c is not None), default=None)
+    if worst is not None and None not in cold and worst < 0.01:
+        print(f"cold cache: ensured (at most {worst:.2%} of the files' pages resident before a read, by mincore)")
+    else:
+        shown = "unknown" if worst is None else f"{worst:.2%}"
+        print(f"cold cache: NOT ensured (up to {shown} of the pages resident); the figures are partly warm")
+    loaders = [name for name in rows if name != "sequential"]
+    bytes_ratio = sum(rows[n]["read"] for n in loaders) / sum(rows[n]["requested"] for n in loaders)
+    return rows[loaders[-1]]["gbps"] / rows["sequential"]["gbps"], bytes_ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=2.0, help="checkpoint size in GB (experts only)")
@@ -142,70 +226,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="which experts are picked")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement (the median is shown)")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"],
+                    help="fp8: DeepSeek-V3's layout, e4m3 weights with float32 weight_scale_inv per 128x128 block")
     args = ap.parse_args()
 
-    spec = bench_spec(args.gb, args.layers, args.experts, args.hidden, args.shards)
-    directory = args.dir or os.path.join(tempfile.gettempdir(), f"elastic-ep-bench-disk-{args.gb:g}gb")
-    paths = prepare(directory, spec)
-    layout = spec.layout()
-    file_bytes = sum(os.path.getsize(p) for p in paths)
-    print(f"checkpoint: {directory}, {len(paths)} files, {file_bytes / 1e9:.3f} GB; {spec.layers} layers x "
-          f"{spec.experts} experts, hidden {spec.hidden}, intermediate {spec.intermediate}, bf16, "
-          f"expert_bytes={layout.expert_bytes}; {args.threads} read threads; torch {torch.__version__}, "
-          f"{os.cpu_count()} cpus")
+    from loaders.hf_model import open_model
 
-    rng = np.random.default_rng(args.seed)
-    ks = sorted(k for k in args.ks if 1 <= k <= spec.experts)
-    requests = {
-        k: [
-            ExpertRequest(layer, int(e), slot)
-            for layer in range(spec.layers)
-            for slot, e in enumerate(sorted(rng.choice(spec.experts, k, replace=False)))
-        ]
-        for k in ks
-    }
-    weights = [layout.allocate(max(ks), fill_byte=0) for _ in range(spec.layers)]  # touched: no page faults timed
-    # The disk of a shared or virtual machine varies from second to second: every
-    # measurement is repeated, interleaved with the others, and the median is shown.
-    seconds: dict[str, list[float]] = {"sequential": [], **{f"loader k={k}": [] for k in ks}}
-    got: dict[str, int] = {}
-    cold: list[float | None] = []
-    method = ""
-    for _ in range(args.repeat):
-        method, left = drop_cache(paths)
-        cold.append(left)
-        got["sequential"], s = sequential_read(paths)
-        seconds["sequential"].append(s)
-        for k in ks:
-            src = SafetensorsExpertSource(directory, "deepseek", layout, num_threads=args.threads)
-            method, left = drop_cache(paths)
-            cold.append(left)
-            report = src.load(requests[k], weights)
-            src.close()
-            check = requests[k][-1]
-            want = expected_row(spec, layout, check.layer, check.expert)
-            assert all(torch.equal(weights[check.layer][n][check.slot], want[n]) for n in layout.names), "wrong bytes"
-            got[f"loader k={k}"] = report.bytes_read
-            seconds[f"loader k={k}"].append(report.seconds)
-    requested = {"sequential": file_bytes, **{f"loader k={k}": k * spec.layers * layout.expert_bytes for k in ks}}
-    median = {name: float(np.median(v)) for name, v in seconds.items()}
-    gbps = {name: got[name] / median[name] / 1e9 for name in median}
-
-    print(f"\ncache dropped before each read with {method}; median of {args.repeat} runs")
-    print(f"{'read':<14}{'experts':>8}{'requested B':>15}{'read B':>15}{'seconds':>10}{'GB/s':>8}{'min..max GB/s':>16}")
-    for name in seconds:
-        n = "-" if name == "sequential" else str(len(requests[int(name.split("=")[1])]))
-        spread = f"{got[name] / max(seconds[name]) / 1e9:.2f}..{got[name] / min(seconds[name]) / 1e9:.2f}"
-        print(f"{name:<14}{n:>8}{requested[name]:>15,}{got[name]:>15,}{median[name]:>10.3f}{gbps[name]:>8.2f}{spread:>16}")
-    worst = max((c for c in cold if c is not None), default=None)
-    if worst is not None and None not in cold and worst < 0.01:
-        print(f"cold cache: ensured (at most {worst:.2%} of the files' pages resident before a read, by mincore)")
-    else:
-        shown = "unknown" if worst is None else f"{worst:.2%}"
-        print(f"cold cache: NOT ensured (up to {shown} of the pages resident); the figures are partly warm")
-    loaders = [name for name in seconds if name != "sequential"]
-    bytes_read_ratio = sum(got[n] for n in loaders) / sum(requested[n] for n in loaders)
-    print(f"disk_throughput_ratio={gbps[loaders[-1]] / gbps['sequential']:.3f} bytes_read_ratio={bytes_read_ratio:.3f}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} read threads")
+    ratios = {}
+    for dtype in args.dtypes:
+        spec = bench_spec(args.gb, args.layers, args.experts, args.hidden, args.shards, dtype)
+        base = args.dir or os.path.join(tempfile.gettempdir(), f"elastic-ep-bench-disk-{args.gb:g}gb")
+        directory = base if dtype == "bf16" else f"{base}-{dtype}"
+        paths = prepare(directory, spec)
+        model = open_model(directory)
+        layout = model.layout()
+        file_bytes = sum(os.path.getsize(p) for p in paths)
+        print(f"\n[{dtype}] {directory}: {len(paths)} files, {file_bytes / 1e9:.3f} GB; {model.family}, "
+              f"{model.quantization}; {model.layers} MoE layers x {model.experts} experts, hidden {spec.hidden}, "
+              f"intermediate {spec.intermediate}; one expert = {len(layout.spans)} tensors, "
+              f"expert_bytes={layout.expert_bytes}")
+        ks = sorted(k for k in args.ks if 1 <= k <= spec.experts)
+        r = measure(directory, paths, model, spec, ks, args.threads, args.repeat, np.random.default_rng(args.seed))
+        ratios[dtype] = report(f"[{dtype}]", r, args.repeat)
+    line = []
+    for dtype, (tput, nbytes) in ratios.items():
+        prefix = "" if dtype == "bf16" else f"{dtype}_"
+        line.append(f"{prefix}disk_throughput_ratio={tput:.3f} {prefix}bytes_read_ratio={nbytes:.3f}")
+    print("\n" + " ".join(line))
 
 
 if __name__ == "__main__":

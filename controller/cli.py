@@ -60,7 +60,7 @@ def add_model_args(p: argparse.ArgumentParser, group: Any = None) -> None:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
-    from .controller import Controller, ControllerConfig, ModelShape
+    from .controller import Controller, ControllerConfig
     from .metrics import ControllerMetrics, serve
 
     _logging(args.verbose)

@@ -1,6 +1,7 @@
 """``elastic-ep demo``: the whole system on one machine, a rank killed, the recovery shown.
 
-It writes a synthetic MoE checkpoint, starts a local etcd on 127.0.0.1, a controller,
+It writes a synthetic MoE checkpoint (or, with ``--model``, uses a Hugging Face model
+directory's real experts), starts a local etcd on 127.0.0.1, a controller,
 and ``--ranks`` rank processes (``elastic-ep agent``) that load their experts, serve a
 stream of fake requests checking the bytes of every slot they touch, and publish their
 load. Then it changes membership (SIGKILL by default; ``--leave``, ``--join``), follows
@@ -46,13 +47,14 @@ class Change:
 
 
 class Demo:
-    def __init__(self, args: argparse.Namespace, out: Any = sys.stdout) -> None:
+    def __init__(self, args: argparse.Namespace, out: Any = sys.stdout, model: Any = None) -> None:
         self.args = args
         self.out = out
         self.quiet = args.json
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.checks: list[Check] = []
         self.changes: list[Change] = []
+        self.model = model
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -69,12 +71,19 @@ class Demo:
         rng = np.random.default_rng(a.seed)
         self.say(f"seed={a.seed}")
         with tempfile.TemporaryDirectory(prefix="elastic-ep-demo-") as work, EtcdServer() as etcd:
-            self.spec = spec = SyntheticSpec(layers=a.layers, experts=a.experts, hidden=a.hidden,
-                                             intermediate=a.intermediate, dtype="bf16", shards=2, seed=a.seed)
-            ckpt = os.path.join(work, "ckpt")
-            make_checkpoint(ckpt, spec)
-            self.say(f"checkpoint: {a.layers} MoE layers x {a.experts} experts, {spec.expert_bytes / 2**20:.2f} MiB "
-                     f"per expert, in {ckpt}")
+            if self.model is not None:
+                self.spec = spec = self.model
+                ckpt = a.model
+                self.say(f"model: {ckpt} ({spec.family}, {spec.quantization}): {spec.layers} MoE layers x "
+                         f"{spec.experts} experts, {spec.expert_bytes / 2**20:.2f} MiB per expert "
+                         f"({len(spec.expert_layout.spans)} tensors)")
+            else:
+                self.spec = spec = SyntheticSpec(layers=a.layers, experts=a.experts, hidden=a.hidden,
+                                                 intermediate=a.intermediate, dtype="bf16", shards=2, seed=a.seed)
+                ckpt = os.path.join(work, "ckpt")
+                make_checkpoint(ckpt, spec)
+                self.say(f"checkpoint: {a.layers} MoE layers x {a.experts} experts, "
+                         f"{spec.expert_bytes / 2**20:.2f} MiB per expert, in {ckpt}")
             self.say(f"etcd: 127.0.0.1:{etcd.client_port} (pid {etcd.proc.pid if etcd.proc else '?'})")
             import logging
 
@@ -87,7 +96,7 @@ class Demo:
             self.cfg = EtcdConfig(etcd.endpoint, deployment="demo", timeout_s=3.0)
             self.client = connect(self.cfg)
             ctl = Controller(ControllerConfig(
-                self.cfg, ModelShape(a.layers, a.experts, a.slots, spec.expert_bytes), id="demo-controller",
+                self.cfg, ModelShape(spec.layers, spec.experts, a.slots, spec.expert_bytes), id="demo-controller",
                 min_ranks=a.ranks, policy=a.policy, settle_s=a.settle, leader_ttl_s=3))
             stop = threading.Event()
             ctl_thread = threading.Thread(target=ctl.run, args=(stop,), name="controller", daemon=True)
@@ -115,9 +124,13 @@ class Demo:
         a, s = self.args, self.spec
         log = open(os.path.join(work, f"{rid}.log"), "wb")
         cmd = [sys.executable, "-m", "elastic_ep.cli", "agent", "--etcd", self.cfg.endpoint, "--deployment", "demo",
-               "--id", rid, "--ckpt", ckpt, "--layers", str(s.layers), "--experts", str(s.experts),
-               "--hidden", str(s.hidden), "--intermediate", str(s.intermediate), "--seed", str(s.seed),
-               "--slots", str(a.slots), "--transport", a.transport, "--lease-ttl", str(a.lease_ttl)]
+               "--id", rid, "--seed", str(a.seed), "--slots", str(a.slots), "--transport", a.transport,
+               "--lease-ttl", str(a.lease_ttl)]
+        if self.model is not None:
+            cmd += ["--model", ckpt] + [f"--template={t}" for t in a.template or []]
+        else:
+            cmd += ["--ckpt", ckpt, "--layers", str(s.layers), "--experts", str(s.experts),
+                    "--hidden", str(s.hidden), "--intermediate", str(s.intermediate)]
         self.procs[rid] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -305,6 +318,7 @@ class Demo:
             "requests": {"ok": ok_req, "bad": bad_req},
             "checks": [{"name": x.name, "ok": x.ok, "detail": x.detail} for x in self.checks],
             "seed": self.args.seed,
+            "model": self.model.to_dict() if self.model is not None else None,
         }
         if not self.quiet:
             self._table(result, p)
@@ -336,7 +350,12 @@ def add_command(sub: Any) -> None:
     d.add_argument("--ranks", type=int, default=4)
     d.add_argument("--layers", type=int, default=4)
     d.add_argument("--experts", type=int, default=16)
-    d.add_argument("--slots", type=int, default=6, help="slots per rank")
+    d.add_argument("--slots", type=int, help="slots per rank (default 6; with --model: enough for every "
+                                              "expert on the ranks left after the change)")
+    d.add_argument("--model", metavar="MODEL_DIR",
+                   help="a Hugging Face model directory: the recovery on its real experts (see elastic-ep inspect)")
+    d.add_argument("--template", action="append", metavar="ROLE=PATH",
+                   help="with --model, for an architecture elastic-ep does not know (see elastic-ep inspect)")
     d.add_argument("--hidden", type=int, default=512)
     d.add_argument("--intermediate", type=int, default=256)
     d.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
@@ -355,12 +374,26 @@ def add_command(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     left = args.ranks - args.fail - int(args.leave)
-    if left * args.slots < args.experts:
+    model = None
+    experts = args.experts
+    if args.model:
+        from controller.cli import parse_templates
+        from loaders.hf_model import open_model
+
+        model = open_model(args.model, templates=parse_templates(args.template))
+        experts = model.experts
+    if left < 1:
+        raise ConfigError(f"--ranks {args.ranks} minus --fail {args.fail}{' and --leave' if args.leave else ''} "
+                          "leaves no rank: add ranks")
+    if args.slots is None:
+        # The fewest slots that still hold every expert once the ranks are gone.
+        args.slots = -(-experts // left) if model is not None else 6
+    if left * args.slots < experts:
         raise ConfigError(
             f"--ranks {args.ranks} minus --fail {args.fail}{' and --leave' if args.leave else ''} leaves {left} "
-            f"ranks x {args.slots} slots, too few for {args.experts} experts: add ranks or --slots"
+            f"ranks x {args.slots} slots, too few for {experts} experts: add ranks or --slots"
         )
-    result = Demo(args).run()
+    result = Demo(args, model=model).run()
     if args.json:
         print(json.dumps(result))
     return 0 if result["ok"] else 1

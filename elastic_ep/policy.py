@@ -15,7 +15,6 @@ Two policies behind one interface, chosen by name (``get_policy("min_migration")
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar

@@ -43,7 +43,7 @@ Example::
 
     m = open_model("/models/DeepSeek-V3")
     m.family, m.moe_layer_ids[:2], m.experts, m.expert_bytes
-    # ('deepseek_v3', (3, 4), 256, 45_121_536)
+    # ('deepseek_v3', (3, 4), 256, 44_050_944): FP8 weights and their block scales
     src = m.source()  # a SafetensorsExpertSource reading this directory
 """
 

@@ -8,7 +8,8 @@ values do not depend on the naming scheme or the sharding: the same spec written
 ``deepseek`` and as ``mixtral`` holds the same numbers under different names.
 
 Layout on disk, as Hugging Face writes it: ``model.safetensors`` when ``shards == 1``,
-else ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``. Beside
+else ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``; and a
+``config.json`` of the family the naming scheme belongs to (:func:`hf_config`). Beside
 the experts each layer holds an input norm, an attention output projection and a
 router (MoE layers) or a dense MLP (the first ``dense_layers`` layers, as in
 DeepSeek-V3), and the model an embedding and a final norm, so loaders meet realistic
@@ -217,6 +218,31 @@ def _tensor_plan(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...], torch.
     return plan
 
 
+def hf_config(spec: SyntheticSpec) -> dict[str, object] | None:
+    """A ``config.json`` describing the checkpoint as the model family its scheme names
+    (DeepSeek-V3, Qwen3-MoE, Mixtral), so :func:`loaders.hf_model.open_model` reads it
+    like a downloaded model; ``None`` for a user template or Mixtral with dense layers."""
+    H, I, E, n = spec.hidden, spec.intermediate, spec.experts, spec.dense_layers + spec.layers
+    base: dict[str, object] = {"hidden_size": H, "num_hidden_layers": n, "intermediate_size": I,
+                               "torch_dtype": {"fp8": "bfloat16"}.get(spec.dtype, str(spec.torch_dtype)[6:])}
+    name = spec.naming.name
+    if name == "deepseek":
+        cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "n_routed_experts": E,
+               "moe_intermediate_size": I, "first_k_dense_replace": spec.dense_layers, "moe_layer_freq": 1,
+               "n_shared_experts": 0, "num_nextn_predict_layers": 0}
+    elif name == "qwen":
+        cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": E,
+               "moe_intermediate_size": I, "mlp_only_layers": list(range(spec.dense_layers)), "decoder_sparse_step": 1}
+    elif name == "mixtral" and spec.dense_layers == 0:
+        cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": E}
+    else:
+        return None
+    if spec.dtype == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [spec.scale_block, spec.scale_block]}
+    return {**cfg, **base}
+
+
 def make_checkpoint(directory: str | os.PathLike[str], spec: SyntheticSpec) -> CheckpointSummary:
     """Write the checkpoint of ``spec`` into ``directory`` (created if needed).
 
@@ -256,4 +282,8 @@ def make_checkpoint(directory: str | os.PathLike[str], spec: SyntheticSpec) -> C
     if count > 1:
         with open(os.path.join(directory, "model" + INDEX_SUFFIX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = hf_config(spec)
+    if config is not None:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
     return CheckpointSummary(directory, tuple(files), total, len(plan), spec.expert_bytes)

@@ -4,11 +4,6 @@ the synthetic checkpoint; a source rank SIGKILLed in the middle of a layer."""
 from __future__ import annotations
 
 import importlib
-import multiprocessing as mp
-import os
-import queue
-import signal
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -18,9 +13,10 @@ import torch.distributed as dist
 from elastic_ep.errors import StaleEpochError
 from elastic_ep.executor import Participants, PlanExecutor
 from elastic_ep.plan import TransferPlan
-from elastic_ep.synthetic_rank import FaultPoint, RankJob, allocate_weights, load_rank, run_job, scenario
+from elastic_ep.synthetic_rank import FaultPoint, RankJob, allocate_weights, load_rank, scenario
 from loaders.safetensors_source import SafetensorsExpertSource
 from loaders.synthetic import SyntheticSpec, make_checkpoint
+from tests.procs import check_exact, run_jobs
 
 SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=7, dense_layers=1)
 
@@ -61,68 +57,14 @@ def _jobs(plan: TransferPlan, transport: str, store, ckpt: str, **kw) -> list[Ra
     return [RankJob(old_rank=r, **base) for r in parts.old] + [RankJob(old_rank=None, new_rank=n, **base) for n in parts.joining]
 
 
-def _run(jobs: list[RankJob], store=None, fault: FaultPoint | None = None, timeout: float = 90.0) -> dict:
-    """Spawn one process per job; with ``fault``, SIGKILL the victim when it reaches the
-    fault point and release the others. Returns results by old rank (or ``j<new>``)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = {}
-    for j in jobs:
-        p = ctx.Process(target=run_job, args=(j, results), daemon=True)
-        p.start()
-        procs[j.old_rank if j.old_rank is not None else f"j{j.new_rank}"] = p
-    out: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        if fault is not None:
-            while not store.check([f"{fault.key}/at"]):
-                assert time.monotonic() < deadline, "the victim never reached the fault point"
-                time.sleep(0.01)
-            victim = procs[fault.victim]
-            os.kill(victim.pid, signal.SIGKILL)
-            victim.join(10)
-            assert victim.exitcode == -signal.SIGKILL
-            store.set(f"{fault.key}/go", "1")
-        expected = len(jobs) - (1 if fault is not None else 0)
-        while len(out) < expected:
-            left = deadline - time.monotonic()
-            assert left > 0, f"only {sorted(map(str, out))} of {expected} ranks reported in {timeout} s"
-            try:
-                r = results.get(timeout=min(left, 5))
-            except queue.Empty:
-                dead = [k for k, p in procs.items() if p.exitcode not in (None, 0) and not (fault and k == fault.victim)]
-                assert not dead, f"rank processes {dead} died"
-                continue
-            out[r["old_rank"] if r["old_rank"] is not None else f"j{r['new_rank']}"] = r
-    finally:
-        for p in procs.values():
-            p.join(timeout=max(0.1, min(10, deadline - time.monotonic())))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    errors = {k: r["error"] for k, r in out.items() if "error" in r}
-    assert not errors, errors
-    codes = {k: p.exitcode for k, p in procs.items() if not (fault and k == fault.victim)}
-    assert all(c == 0 for c in codes.values()), f"rank exit codes {codes}"
-    return out
-
-
-def _check_exact(plan: TransferPlan, out: dict) -> None:
-    for k, r in out.items():
-        assert r["mismatched"] == [], f"rank {k}: slots (layer, slot, expert) not bit-exact: {r['mismatched']}"
-        n = r["report"]["new_rank"]
-        if n is not None:
-            assert len(r["outcomes"]) == len(plan.receives(n)), k
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["fail", "leave", "join"])
 def test_plan_moves_every_slot_bit_exact(backend, kind, store, ckpt, rng):
     plan = scenario(rng, kind, processes=4, layers=SPEC.layers, experts=SPEC.experts, slots_per_rank=3,
                     expert_bytes=SPEC.expert_bytes)
     plan.validate()
-    out = _run(_jobs(plan, backend, store, ckpt), store)
-    _check_exact(plan, out)
+    out = run_jobs(_jobs(plan, backend, store, ckpt), store)
+    check_exact(plan, out)
     planned = plan.bytes_by_route()
     moved = {route: sum(r["report"]["bytes"][route] for r in out.values()) for route in planned}
     # Nothing failed, so every transfer took its planned route, and disk read exactly
@@ -158,8 +100,8 @@ def test_source_killed_mid_layer_receivers_fall_through(backend, store, ckpt, rn
     print(f"victim old rank {victim} killed at the start of layer {layer}'s peer reads")
     fault = FaultPoint("peer", layer, victim)
     jobs = _jobs(plan, backend, store, ckpt, fault=fault, source_timeout_s=3.0, dead_after_s=1.0)
-    out = _run(jobs, store, fault=fault)
-    _check_exact(plan, {k: r for k, r in out.items()})
+    out = run_jobs(jobs, store, fault=fault)
+    check_exact(plan, {k: r for k, r in out.items()})
     hit = [o for r in out.values() for o in r["outcomes"]
            if o["layer"] >= layer and o["planned"] == "peer" and
            next(t for t in plan.receives(r["report"]["new_rank"], o["layer"]) if t.dst_slot == o["dst_slot"]).sources[0].rank == victim]

@@ -16,7 +16,6 @@ POLICIES = [DeepSeekPolicy(), MinMigrationPolicy(), MinMigrationPolicy(max_moves
 
 def assert_slots_kept(old: ExpertPlacement, new: ExpertPlacement, m: RankMapping) -> None:
     """An expert on a surviving rank before and after keeps (at least) its old slots."""
-    spr = old.slots_per_rank
     for new_rank, old_rank in enumerate(m.new_to_old()):
         if old_rank < 0:
             continue

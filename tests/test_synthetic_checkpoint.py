@@ -121,7 +121,7 @@ def test_sharded_index_and_single_file(tmp_path):
             assert name in st.keys()
     single = make_checkpoint(tmp_path / "single", SyntheticSpec(layers=3, experts=4))
     assert [os.path.basename(p) for p, _ in single.files] == ["model.safetensors"]
-    assert os.listdir(tmp_path / "single") == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "single")) == ["config.json", "model.safetensors"]
 
 
 def test_naming_schemes():
@@ -187,3 +187,24 @@ def test_cli_make_checkpoint(tmp_path, capsys):
         assert name.startswith("model.layers.2.block_sparse_moe.experts.3.") and torch.equal(stored[name], t)
     assert main(args) == 2  # refuses to write a second checkpoint beside the first
     assert "already holds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme,dtype,dense,family", [
+    ("deepseek", "fp8", 2, "deepseek_v3"), ("deepseek", "bf16", 0, "deepseek_v3"),
+    ("qwen", "bf16", 1, "qwen3_moe"), ("mixtral", "fp16", 0, "mixtral"),
+])
+def test_synthetic_checkpoint_is_a_model_directory(tmp_path, scheme, dtype, dense, family):
+    """The config.json written beside the shards makes the checkpoint readable as the
+    family its scheme names, with exactly the spec's layers and serving layout."""
+    from loaders.hf_model import open_model
+
+    spec = SyntheticSpec(layers=3, experts=4, hidden=256, intermediate=192, dtype=dtype, shards=2, scheme=scheme,
+                         dense_layers=dense)
+    make_checkpoint(tmp_path, spec)
+    m = open_model(tmp_path)
+    assert m.family == family
+    assert list(m.moe_layer_ids) == spec.moe_layer_ids and m.experts == spec.experts
+    assert m.expert_layout == spec.layout()
+    for layer, e in ((0, 0), (2, 3)):
+        a, b = m.expected_row(layer, e), spec.expected_row(layer, e)
+        assert all(torch.equal(as_bytes(a[k]), as_bytes(b[k])) for k in b)
