@@ -228,11 +228,18 @@ def test_config_not_json(models, tmp_path):
         open_model(d)
 
 
+def _edit_json(d: str, name: str, edit) -> None:
+    """Rewrite ``d/name`` (config.json, the index) with ``edit(doc)`` applied."""
+    p = os.path.join(d, name)
+    with open(p) as f:
+        doc = json.load(f)
+    edit(doc)
+    with open(p, "w") as f:
+        json.dump(doc, f)
+
+
 def _retype(d: str, model_type: str) -> None:
-    p = os.path.join(d, "config.json")
-    cfg = json.load(open(p))
-    cfg["model_type"], cfg["architectures"] = model_type, ["AcmeMoeForCausalLM"]
-    json.dump(cfg, open(p, "w"))
+    _edit_json(d, "config.json", lambda c: c.update(model_type=model_type, architectures=["AcmeMoeForCausalLM"]))
 
 
 def test_unknown_architecture_needs_a_template(models, tmp_path, capsys):
@@ -262,13 +269,14 @@ def test_index_naming_a_missing_shard(models, tmp_path):
 
 def test_moe_layer_missing_an_expert(models, tmp_path):
     d = _copy(models, "deepseek_v2", tmp_path)
-    p = os.path.join(d, "model.safetensors.index.json")
-    idx = json.load(open(p))
-    gone = [k for k in idx["weight_map"] if k.startswith("model.layers.2.mlp.experts.5.")]
-    assert gone
-    for k in gone:
-        del idx["weight_map"][k]
-    json.dump(idx, open(p, "w"))
+
+    def drop_expert(idx: dict) -> None:
+        gone = [k for k in idx["weight_map"] if k.startswith("model.layers.2.mlp.experts.5.")]
+        assert gone
+        for k in gone:
+            del idx["weight_map"][k]
+
+    _edit_json(d, "model.safetensors.index.json", drop_expert)
     with pytest.raises(MissingTensorError, match=r"MoE layer 2 has no .*expert 5 of 8 is missing"):
         open_model(d)
 
@@ -299,20 +307,14 @@ def test_experts_whose_dtypes_disagree(models, tmp_path):
 
 def test_stacked_tensor_with_fewer_experts_than_the_config(models, tmp_path):
     d = _copy(models, "gpt_oss", tmp_path)
-    p = os.path.join(d, "config.json")
-    cfg = json.load(open(p))
-    cfg["num_local_experts"] = 16
-    json.dump(cfg, open(p, "w"))
+    _edit_json(d, "config.json", lambda c: c.update(num_local_experts=16))
     with pytest.raises(TensorMismatchError, match=r"expected \[16, \.\.\.\]"):
         open_model(d)
 
 
 def test_block_size_that_does_not_match_the_scales(models, tmp_path):
     d = _copy(models, "qwen3_moe-fp8", tmp_path)
-    p = os.path.join(d, "config.json")
-    cfg = json.load(open(p))
-    cfg["quantization_config"]["weight_block_size"] = [128, 128]
-    json.dump(cfg, open(p, "w"))
+    _edit_json(d, "config.json", lambda c: c["quantization_config"].update(weight_block_size=[128, 128]))
     with pytest.raises(TensorMismatchError, match="weight_block_size"):
         open_model(d)
 
