@@ -382,3 +382,19 @@ def test_demo_on_a_model_directory(vid, models):
     assert disk_experts > 0 and r["bytes"]["disk"] == disk_experts * m.expert_bytes
     exact = [c for c in r["checks"] if "bit-exact" in c["name"]]
     assert exact and all(c["ok"] for c in exact)
+
+
+def test_controller_takes_the_placement_shape_from_the_model(models):
+    import argparse
+
+    from controller.cli import model_shape, parse_templates
+
+    m = open_model(models("gpt_oss-mxfp4"))
+    shape = model_shape(argparse.Namespace(model=m.directory, template=None, slots=5, layers=None, experts=None,
+                                           expert_bytes=None))
+    assert (shape.num_layers, shape.num_logical, shape.slots_per_rank, shape.expert_bytes) == (
+        m.layers, m.experts, 5, m.expert_bytes)
+    with pytest.raises(ConfigError, match="--model MODEL_DIR, or all of"):
+        model_shape(argparse.Namespace(model=None, template=None, slots=5, layers=4, experts=None, expert_bytes=None))
+    with pytest.raises(ConfigError, match="ROLE=MODULE_PATH"):
+        parse_templates(["gate"])
