@@ -336,6 +336,9 @@ class Controller:
                 if not self.election.is_leader():
                     self.metrics.leader.set(0)
                     if not self.election.campaign():
+                        # A standby that reaches etcd is healthy: /healthz must not
+                        # report it stale, or its liveness probe restarts it forever.
+                        self.metrics.beat()
                         stop.wait(self.cfg.resync_s)
                         continue
                     self.metrics.leader.set(1)

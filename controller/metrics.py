@@ -34,13 +34,17 @@ class ControllerMetrics:
         self.etcd_errors = Counter("elastic_ep_etcd_unavailable", "Times etcd could not be reached", registry=r)
         self.heartbeat = time.monotonic()
 
+    def beat(self) -> None:
+        """The control loop made progress against etcd (``/healthz`` reads this)."""
+        self.heartbeat = time.monotonic()
+
     def members(self, ranks: Iterable[Any]) -> None:
         counts = {"joining": 0, "active": 0, "draining": 0}
         for rank in ranks:
             counts[rank.state] = counts.get(rank.state, 0) + 1
         for state, n in counts.items():
             self.members_by_state.labels(state=state).set(n)
-        self.heartbeat = time.monotonic()
+        self.beat()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

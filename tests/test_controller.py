@@ -228,3 +228,32 @@ def test_metrics_and_health_endpoint():
             urllib.request.urlopen(f"{base}/healthz", timeout=5)
     finally:
         srv.shutdown()
+
+
+def test_standby_controller_stays_healthy(etcd):
+    """Two replicas, one leader: both answer /healthz 200 for longer than the stale
+    window (a liveness probe must not restart the standby), and only one leads."""
+    import urllib.request
+
+    from controller.metrics import serve
+
+    ctls = [_controller(etcd, cid) for cid in ("ctl-a", "ctl-b")]
+    stop = threading.Event()
+    threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in ctls]
+    servers = [serve(c.metrics, "127.0.0.1", 0, stale_s=1.0) for c in ctls]
+    try:
+        for t in threads:
+            t.start()
+        _wait(lambda: sum(c.election.is_leader() for c in ctls) == 1, 15, "one leader")
+        deadline = time.monotonic() + 3.0  # three stale windows
+        while time.monotonic() < deadline:
+            for s in servers:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{s.server_port}/healthz", timeout=5).status == 200
+            time.sleep(0.2)
+        assert sum(c.election.is_leader() for c in ctls) == 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for s in servers:
+            s.shutdown()
