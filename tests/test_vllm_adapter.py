@@ -1,0 +1,285 @@
+"""The vLLM adapter: layouts from vLLM-shaped tensors, the maps rewritten in place, and a
+placement committed through a real etcd and controller reaching an engine's maps and
+weights (bit-exact against the checkpoint), with the example engine as a second rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from elastic_ep.agent import AgentConfig
+from elastic_ep.errors import ConfigError, PlanError
+from elastic_ep.placement import ExpertPlacement, initial_placement
+from elastic_ep.plan import build_plan
+from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.vllm_adapter import AdapterState, VllmExpertAdapter, infer_layout
+from loaders.safetensors_source import SafetensorsExpertSource
+from loaders.synthetic import SyntheticSpec, expected_row, make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16 = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", seed=5)
+FP8 = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="fp8", seed=6)
+SLOTS = 6
+
+
+def vllm_weights(spec: SyntheticSpec, slots: int, flat: bool = False) -> list[list[torch.Tensor]]:
+    """What vLLM's FusedMoE holds per layer: w13 [S, 2I, H], w2 [S, H, I] (+ FP8 block
+    scales), or flattened [S, -1] as get_expert_weights() hands them out."""
+    H, I, dt = spec.hidden, spec.intermediate, spec.torch_dtype
+    shapes = [((slots, 2 * I, H), dt), ((slots, H, I), dt)]
+    if spec.dtype == "fp8":
+        b = spec.scale_block
+        shapes += [((slots, 2 * -(-I // b), -(-H // b)), torch.float32), ((slots, -(-H // b), -(-I // b)), torch.float32)]
+    out = [[torch.zeros(shape, dtype=d) for shape, d in shapes] for _ in range(spec.layers)]
+    return [[t.view(slots, -1) for t in layer] for layer in out] if flat else out
+
+
+def assert_bit_exact(spec, adapter, placement, rank):
+    for layer in range(placement.num_layers):
+        for slot, e in enumerate(placement.rank_slots(rank)[layer]):
+            want = expected_row(spec, adapter.layout, layer, int(e))
+            for w, t in zip(adapter.weights[layer], adapter.layout.tensors):
+                assert torch.equal(w[slot].view(torch.uint8), want[t.name].view(torch.uint8)), (layer, slot, int(e))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    out = {}
+    for spec in (BF16, FP8):
+        d = tmp_path_factory.mktemp(spec.dtype)
+        make_checkpoint(d, spec)
+        out[spec.dtype] = str(d)
+    return out
+
+
+# -- layouts ------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [BF16, FP8], ids=["bf16", "fp8"])
+def test_layout_from_vllm_tensors(spec):
+    assert infer_layout(vllm_weights(spec, SLOTS)[0]) == spec.layout()
+    flat = vllm_weights(spec, SLOTS, flat=True)[0]
+    with pytest.raises(ConfigError, match="hidden= and intermediate="):
+        infer_layout(flat)
+    assert infer_layout(flat, hidden=spec.hidden, intermediate=spec.intermediate) == spec.layout()
+
+
+def test_engine_tensors_that_do_not_fit_are_config_errors():
+    w = vllm_weights(BF16, SLOTS)
+    bad_dtype = [[w[0][0].float(), w[0][1]]]
+    with pytest.raises(ConfigError, match="w13_weight.*expected torch.bfloat16"):
+        VllmExpertAdapter(bad_dtype, torch.zeros(1, 12, dtype=torch.int64), layout=BF16.layout())
+    with pytest.raises(ConfigError, match="different slots_per_rank"):
+        VllmExpertAdapter(w + vllm_weights(BF16, SLOTS + 1)[:1], torch.zeros(3, 12, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="contiguous"):
+        VllmExpertAdapter([[w[0][0].transpose(1, 2), w[0][1]]], torch.zeros(1, 12, dtype=torch.int64),
+                          layout=BF16.layout())
+    with pytest.raises(ConfigError, match="MoE layers"):
+        VllmExpertAdapter(w, torch.zeros(3, 12, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="3 expert tensors"):
+        infer_layout(w[0] + w[0][:1])
+
+
+# -- bootstrap and maps -----------------------------------------------------------------------
+def test_bootstrap_fills_flattened_fp8_slots_and_rewrites_maps_in_place(ckpts):
+    weights = vllm_weights(FP8, SLOTS, flat=True)
+    p2l = torch.full((2, 2 * SLOTS), -1, dtype=torch.int64)
+    l2p = torch.full((2, 8, 2), -1, dtype=torch.int64)  # narrower than the placement's 5
+    cnt = torch.zeros(2, 8, dtype=torch.int64)
+    ptrs = [t.data_ptr() for t in (p2l, l2p, cnt)]
+    a = VllmExpertAdapter(weights, p2l, logical_to_physical_map=l2p, logical_replica_count=cnt,
+                          hidden=FP8.hidden, intermediate=FP8.intermediate)
+    disk = SafetensorsExpertSource(ckpts["fp8"], FP8.naming, a.layout)
+    placement = initial_placement(2, 8, 2, SLOTS)
+    with a.step() as ok:
+        assert not ok and a.state is AdapterState.EMPTY
+    assert a.load_initial(disk, placement, 1) == SLOTS * 2 * FP8.expert_bytes
+    assert a.state is AdapterState.SERVING and a.rank == 1
+    assert_bit_exact(FP8, a, placement, 1)
+    assert a.mismatched_slots(disk, placement, 1) == 0
+    assert [t.data_ptr() for t in (p2l, l2p, cnt)] == ptrs, "maps keep their storage"
+    assert np.array_equal(p2l.numpy(), placement.phy2log)
+    assert np.array_equal(l2p.numpy(), placement.log2phy[:, :, :2])
+    assert np.array_equal(cnt.numpy(), np.minimum(placement.logcnt, 2)), "counts match the listed replicas"
+    weights[1][0][3].view(torch.uint8)[0] ^= 1  # one flipped bit in layer 1, slot 3
+    assert a.mismatched_slots(disk, placement, 1) == 1
+
+
+def test_bootstrap_reads_only_slots_the_engine_does_not_hold(ckpts):
+    placement = initial_placement(2, 8, 2, SLOTS)
+    warm = VllmExpertAdapter(vllm_weights(BF16, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
+    disk = SafetensorsExpertSource(ckpts["bf16"], BF16.naming, warm.layout)
+    warm.load_initial(disk, placement, 0)
+    # An engine started with rank 0's experts loaded (its map says so), given rank 0 again:
+    # nothing to read. Given a placement that moves two slots: two reads.
+    again = VllmExpertAdapter(warm.weights, torch.tensor(placement.phy2log), ep_rank=0)
+    assert again.load_initial(disk, placement, 0) == 0
+    phy = placement.phy2log.copy()
+    phy[0, [0, 1]] = phy[0, [1, 0]]
+    moved = ExpertPlacement(phy, SLOTS, 8)
+    assert again.load_initial(disk, moved, 0) == 2 * BF16.expert_bytes
+    assert_bit_exact(BF16, again, moved, 0)
+
+
+def test_maps_resized_in_place_when_ranks_join():
+    p2l = torch.zeros(2, 2 * SLOTS, dtype=torch.int64)
+    l2p = torch.zeros(2, 8, 5, dtype=torch.int64)
+    seen = []
+    a = VllmExpertAdapter(vllm_weights(BF16, SLOTS), p2l, logical_to_physical_map=l2p,
+                          on_maps_resized=lambda maps: seen.append({k: tuple(v.shape) for k, v in maps.items()}))
+    three = initial_placement(2, 8, 3, SLOTS)
+    a.write_maps(three)
+    assert a.maps["physical_to_logical_map"] is p2l and tuple(p2l.shape) == (2, 3 * SLOTS)
+    assert np.array_equal(p2l.numpy(), three.phy2log) and np.array_equal(l2p.numpy(), three.log2phy[:, :, :5])
+    assert seen == [{"physical_to_logical_map": (2, 18), "logical_to_physical_map": (2, 8, 5)}]
+
+
+def test_failed_plan_leaves_weights_unknown_and_steps_refused(ckpts):
+    a = VllmExpertAdapter(vllm_weights(BF16, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
+    disk = SafetensorsExpertSource(ckpts["bf16"], BF16.naming, a.layout)
+    old = initial_placement(2, 8, 2, SLOTS)
+    a.load_initial(disk, old, 0)
+    ex = a.executor(None, disk)
+    wrong = build_plan(old, old, RankMapping.build(2), expert_bytes=1, epoch=1)
+    with pytest.raises(PlanError, match="expert_bytes"):
+        ex.execute(wrong, 0)
+    assert a.state is AdapterState.UNKNOWN
+    with a.step() as ok:
+        assert not ok
+
+
+def test_physical_load_becomes_a_logical_window(ckpts):
+    a = VllmExpertAdapter(vllm_weights(BF16, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
+    a.record_physical_load(np.ones((2, 12)))  # before any placement: nothing to attribute
+    placement = initial_placement(2, 8, 2, SLOTS)  # slots 8..11 hold experts 0..3 again
+    a.load_initial(SafetensorsExpertSource(ckpts["bf16"], BF16.naming, a.layout), placement, 0)
+    a.record_physical_load(torch.ones(2, 12, dtype=torch.int64))
+    a.record_physical_load(np.ones((2, 12)))
+    window = a.load_window()
+    assert window.shape == (2, 8) and window[0].tolist() == [4, 4, 4, 4, 2, 2, 2, 2]
+    assert a.load_window().sum() == 0
+    with pytest.raises(ConfigError, match="do not match"):
+        a.record_physical_load(np.ones((2, 11)))
+
+
+# -- through etcd and the controller ----------------------------------------------------------------
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs an etcd binary")
+def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
+    """Two ranks: an engine in this process through the adapter, and the example engine
+    as a process configured by the environment. Bootstrap, then a load-driven rebalance
+    that keeps the rank count: the engine's maps keep their storage, say the committed
+    placement, and every slot is bit-exact."""
+    from controller.controller import Controller, ControllerConfig, ModelShape
+    from controller.etcd_client import EtcdConfig, connect
+    from controller.etcd_server import EtcdServer
+    from controller.records import AckRecord, CommitRecord, PlanRecord
+    from elastic_ep.entrypoint import agent_settings_from_env
+
+    spec, ckpt, root = BF16, ckpts["bf16"], "/elastic-ep/vllm"
+    with EtcdServer() as srv:
+        base_env = {"ELASTIC_EP_ETCD_ENDPOINT": srv.endpoint, "ELASTIC_EP_DEPLOYMENT": "vllm",
+                    "ELASTIC_EP_CHECKPOINT": ckpt}
+        ctl = Controller(ControllerConfig(
+            EtcdConfig(srv.endpoint, deployment="vllm", timeout_s=2.0),
+            ModelShape(spec.layers, spec.experts, SLOTS, spec.expert_bytes), id="ctl", min_ranks=2,
+            settle_s=0.2, leader_ttl_s=2, imbalance_threshold=0.99, rebalance_cooldown_s=0.0))
+        stop_ctl, stop_agent = threading.Event(), threading.Event()
+        t_ctl = threading.Thread(target=ctl.run, args=(stop_ctl,), daemon=True)
+        t_ctl.start()
+        log = open(tmp_path / "engine.log", "w")
+        other = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "examples", "vllm_style_engine.py"), "--slots", str(SLOTS),
+             "--ep-size", "2", "--verify", "--step-interval", "0.2", "--drain-timeout", "0.5"],
+            env={**os.environ, **base_env, "ELASTIC_EP_ID": "engine-b"}, stdout=log, stderr=subprocess.STDOUT)
+        w = vllm_weights(spec, SLOTS)
+        p2l = torch.full((spec.layers, 2 * SLOTS), -1, dtype=torch.int64)
+        ptr = p2l.data_ptr()
+        adapter = VllmExpertAdapter(w, p2l)
+        agent = adapter.agent(agent_settings_from_env({**base_env, "ELASTIC_EP_ID": "engine-a"}, lease_ttl_s=2),
+                              verify=True, source_timeout_s=5.0, dead_after_s=1.5, heartbeat_s=0.2)
+        t_agent = threading.Thread(target=agent.run, args=(stop_agent,), daemon=True)
+        t_agent.start()
+        client = connect(EtcdConfig(srv.endpoint, deployment="vllm"))
+
+        def committed():
+            v, _ = client.get(f"{root}/committed")
+            return None if v is None else CommitRecord.parse("committed", v)
+
+        try:
+            t0 = time.monotonic()
+            c1 = _wait(committed, 60, "bootstrap commit")
+            print(f"bootstrap committed after {time.monotonic() - t0:.1f} s")
+            assert len(c1.members) == 2
+            with adapter.step() as ok:
+                assert ok and p2l.data_ptr() == ptr
+                assert np.array_equal(p2l.numpy(), c1.placement.phy2log)
+                assert_bit_exact(spec, adapter, c1.placement, adapter.rank)
+            # This rank routes every token to its first slot's expert: the controller rebalances.
+            load = np.zeros((spec.layers, 2 * SLOTS))
+            load[:, adapter.rank * SLOTS] = 1e6
+            adapter.record_physical_load(load)
+
+            def rebalance_published():
+                v, _ = client.get(f"{root}/plan")
+                p = PlanRecord.parse("plan", v)
+                return p if p.epoch > c1.epoch else None
+
+            p2 = _wait(rebalance_published, 30, "a rebalance plan")
+            print(f"rebalance published after {time.monotonic() - t0:.1f} s")
+            ctl.cfg.rebalance_cooldown_s = 3600.0  # one rebalance is what this test looks at
+            assert "imbalance" in p2.reason and p2.plan.mapping.is_identity and p2.plan.transfers
+            c2 = _wait(lambda: (c := committed()) and c.epoch == p2.epoch and c, 30, "rebalance commit")
+            print(f"rebalance committed after {time.monotonic() - t0:.1f} s")
+            assert c2.members == c1.members and not np.array_equal(c2.placement.phy2log, c1.placement.phy2log)
+            with adapter.step() as ok:
+                assert ok and p2l.data_ptr() == ptr, "the map was rewritten in place"
+                assert np.array_equal(p2l.numpy(), c2.placement.phy2log) and adapter.placement == c2.placement
+                assert_bit_exact(spec, adapter, c2.placement, adapter.rank)
+            acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
+            acks = {a.id.split("#")[0]: a for a in acks if a.epoch == c2.epoch}
+            assert set(acks) == {"engine-a", "engine-b"}
+            assert all(a.ok and a.mismatched == 0 for a in acks.values()), acks
+        finally:
+            stop_ctl.set()
+            stop_agent.set()
+            agent.stop()
+            other.terminate()
+            t_ctl.join(10)
+            t_agent.join(10)
+            agent.executor.transport.close()
+            try:
+                other.wait(30)
+            except subprocess.TimeoutExpired:
+                other.kill()
+                other.wait(5)
+            log.close()
+        print((tmp_path / "engine.log").read_text()[-2000:])
+
+
+def test_agent_reads_the_model_directory_and_refuses_another_models_layout(ckpts, tmp_path):
+    """With no naming scheme the adapter reads the checkpoint as a model directory; an
+    engine whose slots do not have that model's expert layout is refused by name."""
+    from controller.etcd_client import EtcdConfig
+    from elastic_ep.entrypoint import AgentSettings
+
+    settings = AgentSettings(AgentConfig(EtcdConfig("127.0.0.1:1"), "engine-x"), checkpoint=ckpts["bf16"])
+    other = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=48, dtype="bf16")
+    a = VllmExpertAdapter(vllm_weights(other, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
+    with pytest.raises(ConfigError, match=r"its experts are .*this engine's slots .*serve the model"):
+        a.agent(settings)
