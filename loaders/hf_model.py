@@ -328,7 +328,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 def _family_of(cfg: dict[str, Any]) -> tuple[Family | None, dict[str, Any]]:
     """The family and the config that describes the decoder (a nested ``text_config``
     for multimodal checkpoints)."""
-    for c in (cfg, cfg.get("text_config")):
+    for c in (cfg.get("text_config"), cfg):
         if isinstance(c, dict):
             mt = _ALIASES.get(c.get("model_type", ""), c.get("model_type", ""))
             if mt in FAMILIES:

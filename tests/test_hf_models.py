@@ -398,3 +398,28 @@ def test_controller_takes_the_placement_shape_from_the_model(models):
         model_shape(argparse.Namespace(model=None, template=None, slots=5, layers=4, experts=None, expert_bytes=None))
     with pytest.raises(ConfigError, match="ROLE=MODULE_PATH"):
         parse_templates(["gate"])
+
+
+def test_multimodal_llama4_checkpoint_nests_the_language_model(models, tmp_path):
+    """Released Llama 4 checkpoints wrap the text config in ``text_config`` and keep the
+    decoder under ``language_model.model.layers``: the same experts are found there."""
+    from tests.hf_models import _save_sharded
+
+    src = models("llama4")
+    d = tmp_path / "llama4-mm"
+    d.mkdir()
+    tensors = {}
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".safetensors"):
+            tensors.update({f"language_model.{k}": t for k, t in load_file(os.path.join(src, name)).items()})
+    _save_sharded(str(d), tensors, 150_000)
+    text = json.load(open(os.path.join(src, "config.json")))
+    json.dump({"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text},
+              open(d / "config.json", "w"))
+    m, flat = open_model(d), open_model(src)
+    assert m.moe_layer_ids == flat.moe_layer_ids == (1, 3) and m.expert_layout == flat.expert_layout
+    assert m.naming.tensor_name(1, 0, "experts", "gate_up_proj") == "language_model.model.layers.1.feed_forward.experts.gate_up_proj"
+    weights = [m.layout().allocate(1, fill_byte=0) for _ in range(m.layers)]
+    m.source().load([ExpertRequest(1, 5, 0)], weights)
+    want = flat.expected_row(1, 5)
+    assert all(torch.equal(weights[1][n][0].view(torch.uint8), want[n].contiguous().view(torch.uint8)) for n in want)
