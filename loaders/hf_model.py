@@ -53,6 +53,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -271,7 +272,7 @@ class ModelCheckpoint:
 
         if not (0 <= layer < self.layers and 0 <= expert < self.experts):
             raise ConfigError(f"(layer {layer}, expert {expert}) outside {self.layers} MoE layers x {self.experts} experts")
-        files = CheckpointFiles(self.directory)
+        files = self._files
         parts = {}
         for s in self.expert_layout.spans:
             p = s.part
@@ -279,6 +280,11 @@ class ModelCheckpoint:
             with safe_open(files.file_of(name), "pt") as f:
                 parts[p.key] = f.get_slice(name)[expert] if self.naming.stacked else f.get_tensor(name)
         return self.expert_layout.assemble_row(parts)
+
+    @cached_property
+    def _files(self) -> CheckpointFiles:
+        """The index, parsed once (DeepSeek-V3's names about 90k tensors)."""
+        return CheckpointFiles(self.directory)
 
     def to_dict(self) -> dict[str, Any]:
         """``elastic-ep inspect --json``."""
