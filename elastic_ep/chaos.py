@@ -26,6 +26,7 @@ from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, 
 from loaders.synthetic import SyntheticSpec, make_checkpoint
 
 from .errors import ElasticEPError
+from .polling import wait_for
 
 FAULTS = ("kill_one", "kill_two", "kill_holders", "kill_in_transfer", "kill_leader", "restart_etcd",
           "join_after_failure", "double_failure")
@@ -168,13 +169,10 @@ class ChaosCluster:
         return s
 
     def _wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise InvariantError(f"{what} not reached within {timeout:.0f} s (seed {self.seed})")
+        v = wait_for(pred, timeout, 0.05)
+        if not v:
+            raise InvariantError(f"{what} not reached within {timeout:.0f} s (seed {self.seed})")
+        return v
 
     # -- faults ------------------------------------------------------------------------
     def _capacity_left(self, n_dead: int) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, ElasticEPError
+from .polling import wait_for
 
 
 @dataclass
@@ -164,13 +165,10 @@ class Demo:
                                          for v, m in self.client.get_prefix(f"{self.cfg.root}/load/"))}
 
     def _wait(self, pred: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.02)
-        raise ElasticEPError(f"timed out after {timeout:.0f} s waiting for {what}")
+        v = wait_for(pred, timeout, 0.02)
+        if not v:
+            raise ElasticEPError(f"timed out after {timeout:.0f} s waiting for {what}")
+        return v
 
     def _serving_pause(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -15,6 +15,7 @@ from controller.cli import status
 from controller.etcd_client import EtcdConfig, connect
 from controller.etcd_server import EtcdServer
 from controller.records import AckRecord, CommitRecord
+from elastic_ep.polling import wait_for
 from loaders.synthetic import SyntheticSpec, make_checkpoint
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=1, seed=5)
@@ -22,16 +23,15 @@ SLOTS = 4
 
 
 def _wait(pred, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def tolerant():
         try:
-            v = pred()
+            return pred()
         except Exception:  # etcd briefly away during a restart
-            v = None
-        if v:
-            return v
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            return None
+
+    v = wait_for(tolerant, timeout, poll)
+    assert v, f"timed out after {timeout} s waiting for {what}"
+    return v
 
 
 class Cluster:

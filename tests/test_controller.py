@@ -17,6 +17,7 @@ from controller.etcd_client import EtcdConfig, connect
 from controller.etcd_server import EtcdServer, free_port
 from controller.records import AckRecord, CommitRecord, PlanRecord
 from elastic_ep.errors import EtcdUnavailableError, NotLeaderError
+from elastic_ep.polling import wait_for
 from elastic_ep.synthetic_rank import run_agent
 from loaders.synthetic import SyntheticSpec, make_checkpoint
 
@@ -57,13 +58,9 @@ def _spawn_agents(srv, ckpt, ids, transport="torch"):
 
 
 def _wait(pred, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    v = wait_for(pred, timeout, poll)
+    assert v, f"timed out after {timeout} s waiting for {what}"
+    return v
 
 
 def _committed(client, root) -> CommitRecord | None:

@@ -19,6 +19,7 @@ from elastic_ep.agent import AgentConfig
 from elastic_ep.errors import ConfigError, PlanError
 from elastic_ep.placement import ExpertPlacement, initial_placement
 from elastic_ep.plan import build_plan
+from elastic_ep.polling import wait_for
 from elastic_ep.rank_mapping import RankMapping
 from elastic_ep.vllm_adapter import AdapterState, VllmExpertAdapter, infer_layout
 from loaders.safetensors_source import SafetensorsExpertSource
@@ -170,13 +171,9 @@ def test_physical_load_becomes_a_logical_window(ckpts):
 
 # -- through etcd and the controller ----------------------------------------------------------------
 def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    v = wait_for(pred, timeout, 0.02)
+    assert v, f"timed out after {timeout} s waiting for {what}"
+    return v
 
 
 @pytest.mark.skipif(shutil.which("etcd") is None, reason="needs an etcd binary")
