@@ -362,8 +362,17 @@ class _Headers:
         self.files = files
         self._by_path: dict[str, SafetensorsHeader] = {}
 
+    def names(self) -> set[str]:
+        """Every tensor name: the index's, or the single file's header (read once)."""
+        single = self.files.single_file
+        if single is None:
+            return set(self.files.weight_map)
+        return set(self._header(single, "its tensor names").names())
+
     def info(self, name: str) -> TensorInfo:
-        path = self.files.file_of(name)
+        return self._header(self.files.file_of(name), f"tensor {name!r}").tensor(name)
+
+    def _header(self, path: str, what: str) -> SafetensorsHeader:
         h = self._by_path.get(path)
         if h is None:
             try:
@@ -371,13 +380,13 @@ class _Headers:
             except FileNotFoundError:
                 raise MissingFileError(
                     f"{path}: shard not found" + (f", named by {self.files.index_path}" if self.files.index_path else "")
-                    + f" for tensor {name!r}; download the missing shard"
+                    + f" for {what}; download the missing shard"
                 ) from None
             try:
                 h = self._by_path[path] = read_header(fd, path)
             finally:
                 os.close(fd)
-        return h.tensor(name)
+        return h
 
 
 def _expert_parts(
@@ -483,9 +492,11 @@ def _template_layers(names: set[str], naming: NamingScheme, cfg: Mapping[str, An
     n = cfg.get("num_hidden_layers")
     top = n if type(n) is int else 1 + max((int(p) for name in names for p in name.split(".") if p.isdigit()), default=-1)
 
+    # Every module path above a tensor, built once: each probe below is then one lookup.
+    modules = {n[:i] for n in names for i, c in enumerate(n) if c == "."}
+
     def has(layer: int, expert: int) -> bool:
-        module = naming.modules["gate"].format(layer=layer, expert=expert)
-        return any(x.startswith(module + ".") for x in names)
+        return naming.modules["gate"].format(layer=layer, expert=expert) in modules
 
     moe = [layer for layer in range(top) if has(layer, 0)]
     if not moe:
@@ -522,8 +533,8 @@ def open_model(
     family, cfg = _family_of(raw)
     arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
     files = CheckpointFiles(directory)
-    names = set(files.names())
     headers = _Headers(files)
+    names = headers.names()
     left: list[LeftOut] = []
     if templates is not None:
         naming = get_scheme("template", templates)

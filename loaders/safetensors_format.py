@@ -242,19 +242,6 @@ class CheckpointFiles:
             ) from None
         return os.path.join(self.directory, shard)
 
-    def names(self) -> list[str]:
-        """Every tensor name of the checkpoint: the index's, or the single file's header."""
-        if self.single_file is None:
-            return list(self.weight_map)
-        try:
-            fd = os.open(self.single_file, os.O_RDONLY)
-        except OSError as e:
-            raise MissingFileError(f"{self.single_file}: cannot open ({e})") from e
-        try:
-            return read_header(fd, self.single_file).names()
-        finally:
-            os.close(fd)
-
     def files(self) -> list[str]:
         """Every file the checkpoint names."""
         if self.single_file is not None:
