@@ -28,14 +28,14 @@ import numpy as np  # noqa: E402
 
 from controller.controller import Controller, ControllerConfig, ModelShape  # noqa: E402
 from controller.etcd_client import EtcdConfig, connect  # noqa: E402
-from controller.etcd_server import EtcdServer  # noqa: E402
+from elastic_ep.tools.etcd_server import EtcdServer  # noqa: E402
 from controller.records import CommitRecord, PlanRecord  # noqa: E402
-from elastic_ep.load_stats import zipf_load  # noqa: E402
-from elastic_ep.placement import ExpertPlacement  # noqa: E402
-from elastic_ep.plan import build_plan  # noqa: E402
-from elastic_ep.policy import get_policy  # noqa: E402
-from elastic_ep.rank_mapping import RankMapping  # noqa: E402
-from loaders.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
+from elastic_ep.core.load_stats import zipf_load  # noqa: E402
+from elastic_ep.core.placement import ExpertPlacement  # noqa: E402
+from elastic_ep.core.plan import build_plan  # noqa: E402
+from elastic_ep.core.policy import get_policy  # noqa: E402
+from elastic_ep.core.rank_mapping import RankMapping  # noqa: E402
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=1, seed=1)
 SLOTS = 4
@@ -53,7 +53,7 @@ def detection(srv: EtcdServer, kills: int, ttl: int, workdir: str) -> tuple[list
     for i in range(kills + 2):
         rid = f"r{i}"
         procs[rid] = subprocess.Popen(
-            [sys.executable, "-m", "elastic_ep.cli", "agent", "--etcd", srv.endpoint, "--deployment", "bench",
+            [sys.executable, "-m", "elastic_ep.tools.cli", "agent", "--etcd", srv.endpoint, "--deployment", "bench",
              "--id", rid, "--ckpt", ckpt, "--layers", str(SPEC.layers), "--experts", str(SPEC.experts),
              "--hidden", str(SPEC.hidden), "--intermediate", str(SPEC.intermediate), "--seed", str(SPEC.seed),
              "--slots", str(SLOTS), "--lease-ttl", str(ttl)],

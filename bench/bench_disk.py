@@ -4,7 +4,7 @@ For each of two layouts, bf16 and DeepSeek-V3's FP8 (e4m3 weights beside float32
 ``weight_scale_inv`` per 128x128 block: four tensors of two dtypes per expert), writes
 (or reuses) a model directory of about ``--gb`` GB of experts (``config.json``, 4 MoE
 layers x 64 experts by default, in ``--shards`` files), opens it as a model directory
-(:func:`loaders.hf_model.open_model`), then, with the page cache dropped for its files
+(:func:`loaders.checkpoint.hf_model.open_model`), then, with the page cache dropped for its files
 before each measured read:
 
 - reads every file start to end with large reads (the baseline: what the disk gives);
@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loaders.safetensors_format import CheckpointFiles  # noqa: E402
-from loaders.safetensors_source import ExpertRequest  # noqa: E402
-from loaders.synthetic import SyntheticSpec, expected_row, hf_config, make_checkpoint  # noqa: E402
+from loaders.checkpoint.safetensors_format import CheckpointFiles  # noqa: E402
+from loaders.checkpoint.safetensors_source import ExpertRequest  # noqa: E402
+from loaders.checkpoint.synthetic import SyntheticSpec, expected_row, hf_config, make_checkpoint  # noqa: E402
 
 SPEC_FILE = "bench_spec.json"
 READ_BLOCK = 16 << 20
@@ -147,7 +147,7 @@ def measure(
     rng: np.random.Generator,
 ) -> dict[str, Any]:
     """The sequential read and the loader at each k, cold, interleaved ``repeat`` times;
-    the loader opened from the model directory (``loaders.hf_model``) as an operator's
+    the loader opened from the model directory (``loaders.checkpoint.hf_model``) as an operator's
     would be. Returns per read: bytes requested and read, median seconds, GB/s, spread."""
     layout = model.layout()
     requests = {
@@ -230,7 +230,7 @@ def main() -> None:
                     help="fp8: DeepSeek-V3's layout, e4m3 weights with float32 weight_scale_inv per 128x128 block")
     args = ap.parse_args()
 
-    from loaders.hf_model import open_model
+    from loaders.checkpoint.hf_model import open_model
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cpus, {args.threads} read threads")
     ratios = {}

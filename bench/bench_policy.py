@@ -5,7 +5,7 @@ a Zipf-like load. The steady state is DeepSeek's hierarchical placement for that
 then one rank dies and each policy computes the placement on 31 ranks.
 
 Prints, all measured in this run:
-- DeepSeek's EPLB: the vectorised ``elastic_ep.eplb`` against a straightforward loop
+- DeepSeek's EPLB: the vectorised ``elastic_ep.core.eplb`` against a straightforward loop
   implementation of the same algorithm (``bench/eplb_loop.py``): time and ratio, and
   whether their outputs agree;
 - per policy: time per full rebalance, plan build time, balance (mean/max rank load),
@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.eplb_loop import rebalance_loop  # noqa: E402
-from elastic_ep.eplb import rebalance_experts  # noqa: E402
-from elastic_ep.load_stats import zipf_load  # noqa: E402
-from elastic_ep.placement import ExpertPlacement, balance  # noqa: E402
-from elastic_ep.plan import build_plan, lower_bound_bytes, moved_bytes  # noqa: E402
-from elastic_ep.policy import DeepSeekPolicy, MinMigrationPolicy, RebalancePolicy  # noqa: E402
-from elastic_ep.rank_mapping import RankMapping  # noqa: E402
+from elastic_ep.core.eplb import rebalance_experts  # noqa: E402
+from elastic_ep.core.load_stats import zipf_load  # noqa: E402
+from elastic_ep.core.placement import ExpertPlacement, balance  # noqa: E402
+from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes  # noqa: E402
+from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy, RebalancePolicy  # noqa: E402
+from elastic_ep.core.rank_mapping import RankMapping  # noqa: E402
 
 EXPERT_BYTES = 88_080_384  # DeepSeek-V3 expert, bf16
 

@@ -18,8 +18,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from elastic_ep.chaos import ChaosCluster  # noqa: E402
-from loaders.synthetic import SyntheticSpec  # noqa: E402
+from elastic_ep.tools.chaos import ChaosCluster  # noqa: E402
+from loaders.checkpoint.synthetic import SyntheticSpec  # noqa: E402
 
 
 def evict(directory: str) -> None:

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from elastic_ep.executor import Participants  # noqa: E402
-from elastic_ep.synthetic_rank import RankJob, run_job, scenario  # noqa: E402
-from loaders.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
+from elastic_ep.runtime.executor import Participants  # noqa: E402
+from elastic_ep.tools.synthetic_rank import RankJob, run_job, scenario  # noqa: E402
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
 MODULES = {"torch": "torch.distributed", "nixl": "nixl", "mooncake": "mooncake.engine"}
 

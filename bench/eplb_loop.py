@@ -2,7 +2,7 @@
 
 It walks every layer, item and pack in Python, the way the published reference does,
 and serves two purposes: the oracle that tests compare the vectorised
-``elastic_ep.eplb`` against (same outputs, ties included), and the baseline that
+``elastic_ep.core.eplb`` against (same outputs, ties included), and the baseline that
 ``bench_policy.py`` times it against.
 """
 
@@ -58,7 +58,7 @@ def replicate_loop(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, to
 def rebalance_loop(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``elastic_ep.eplb.rebalance_experts``."""
+    """Same contract as ``elastic_ep.core.eplb.rebalance_experts``."""
     weight = torch.as_tensor(weight).float().cpu()
     if num_groups % num_nodes:
         num_groups = num_nodes = 1

@@ -1,4 +1,4 @@
-"""Soak: random chaos schedules on fresh clusters for a given time (elastic_ep/chaos.py).
+"""Soak: random chaos schedules on fresh clusters for a given time (elastic_ep/tools/chaos.py).
 
     python bench/soak.py --minutes 10 --seed 1
 
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from elastic_ep.chaos import ChaosCluster, InvariantError, random_schedule  # noqa: E402
+from elastic_ep.tools.chaos import ChaosCluster, InvariantError, random_schedule  # noqa: E402
 
 
 def main() -> int:

@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 
 from elastic_ep.errors import ElasticEPError, EtcdUnavailableError, MalformedValueError, NotLeaderError
-from elastic_ep.placement import ExpertPlacement, balance, initial_placement
-from elastic_ep.plan import build_plan
-from elastic_ep.policy import get_policy
-from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.core.placement import ExpertPlacement, balance, initial_placement
+from elastic_ep.core.plan import build_plan
+from elastic_ep.core.policy import get_policy
+from elastic_ep.core.rank_mapping import RankMapping
 
-from .election import LeaderElection
-from .etcd_client import EtcdConfig, call, connect
-from .metrics import ControllerMetrics
-from .records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
+from controller.election import LeaderElection
+from controller.etcd_client import EtcdConfig, call, connect
+from controller.metrics import ControllerMetrics
+from controller.records import AckRecord, CommitRecord, PlanRecord, member_id
+from controller.view import ClusterView, read_view
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +70,6 @@ class ControllerConfig:
     rebalance_cooldown_s: float = 60.0
 
 
-@dataclass
-class ClusterView:
-    """One consistent read of the deployment's keys (one etcd revision)."""
-
-    ranks: dict[str, RankRecord]
-    loads: dict[str, LoadRecord]
-    epoch: int
-    plan: PlanRecord | None
-    committed: CommitRecord | None
-    acks: dict[str, AckRecord]
-    malformed: list[str]
-
-    def is_live(self, member: str) -> bool:
-        """True while ``member`` (``id#incarnation``) is registered as that incarnation."""
-        r = self.ranks.get(member.split("#")[0])
-        return r is not None and member_token(r) == member
-
-
-def member_token(rec: RankRecord) -> str:
-    """Members are named by id and incarnation: a rank that re-registers is a new member."""
-    return f"{rec.id}#{rec.incarnation}"
-
-
 class Controller:
     def __init__(self, cfg: ControllerConfig, client: Any = None, metrics: ControllerMetrics | None = None) -> None:
         self.cfg = cfg
@@ -112,45 +90,13 @@ class Controller:
 
     # -- reading ---------------------------------------------------------------------
     def view(self) -> ClusterView:
-        kvs = call(self.client.get_prefix, f"read {self.root}", self.root + "/")
-        raw = {meta.key.decode(): value for value, meta in kvs}
-        ranks, loads, acks, malformed = {}, {}, {}, []
-        epoch, plan, committed = 0, None, None
+        return read_view(self.client, self.root, self._report_malformed)
 
-        def parse(key: str, fn: Any) -> Any:
-            try:
-                return fn(key, raw[key])
-            except MalformedValueError as e:
-                malformed.append(str(e))
-                if key not in self._reported_malformed:
-                    self._reported_malformed.add(key)
-                    self.metrics.malformed.inc()
-                    log.error("ignoring malformed value: %s", e)
-                return None
-
-        for key in raw:
-            rel = key[len(self.root) + 1:]
-            if rel.startswith("ranks/"):
-                if (r := parse(key, RankRecord.parse)) is not None:
-                    ranks[r.id] = r
-            elif rel.startswith("load/"):
-                if (ld := parse(key, LoadRecord.parse)) is not None:
-                    loads[ld.id] = ld
-        if f"{self.root}/epoch" in raw:
-            try:
-                epoch = int(raw[f"{self.root}/epoch"])
-            except ValueError:
-                malformed.append(f"{self.root}/epoch: not an integer")
-        if f"{self.root}/plan" in raw:
-            plan = parse(f"{self.root}/plan", PlanRecord.parse)
-        if f"{self.root}/committed" in raw:
-            committed = parse(f"{self.root}/committed", CommitRecord.parse)
-        if plan is not None:
-            prefix = f"{self.root}/acks/"
-            for key in raw:
-                if key.startswith(prefix) and (a := parse(key, AckRecord.parse)) is not None and a.epoch == plan.epoch:
-                    acks[a.id] = a
-        return ClusterView(ranks, loads, epoch, plan, committed, acks, malformed)
+    def _report_malformed(self, key: str, e: MalformedValueError) -> None:
+        if key not in self._reported_malformed:
+            self._reported_malformed.add(key)
+            self.metrics.malformed.inc()
+            log.error("ignoring malformed value: %s", e)
 
     # -- fenced writes ---------------------------------------------------------------
     def _fenced(self, expect_epoch: int, ops: list[Any], what: str) -> None:
@@ -252,7 +198,7 @@ class Controller:
             ready = sorted(rid for rid, r in active.items() if r.state != "draining")
             if len(ready) < self.cfg.min_ranks or not self._settled(("boot", tuple(ready)), now):
                 return f"bootstrap: {len(ready)}/{self.cfg.min_ranks} ranks"
-            members = [member_token(active[r]) for r in ready]
+            members = [active[r].token for r in ready]
             placement = initial_placement(ms.num_layers, ms.num_logical, len(members), ms.slots_per_rank)
             if len(members) > 1:
                 placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)),
@@ -262,11 +208,11 @@ class Controller:
             self._transfer_started[rec.epoch] = time.monotonic()
             return f"published bootstrap {rec.epoch}"
         _, members, placement = base
-        tokens = {m: m.split("#")[0] for m in members}
+        tokens = {m: member_id(m) for m in members}
         dead = [i for i, m in enumerate(members) if not view.is_live(m)]
         leaving = [i for i, m in enumerate(members) if i not in dead and active[tokens[m]].state == "draining"]
         # A rank that re-registered has a new incarnation: its old member is dead.
-        joining = sorted(r.id for r in active.values() if r.state == "joining" and member_token(r) not in members)
+        joining = sorted(r.id for r in active.values() if r.state == "joining" and r.token not in members)
         changed = bool(dead or leaving or joining)
         load = self._load(view, (ms.num_layers, ms.num_logical))
         reason = ""
@@ -299,7 +245,7 @@ class Controller:
         if not changed and not plan.transfers:
             self._last_rebalance = now  # the policy keeps the placement: nothing to move
             return "balanced as well as the policy can"
-        new_members = [members[o] for o in mapping.new_to_old()[: mapping.num_surviving]] + [member_token(active[r]) for r in joining]
+        new_members = [members[o] for o in mapping.new_to_old()[: mapping.num_surviving]] + [active[r].token for r in joining]
         rec = PlanRecord(view.epoch + 1, self.cfg.id, list(members), new_members, plan, new, reason)
         t_plan = time.monotonic() - t0
         self.publish(rec, view.epoch)

@@ -13,7 +13,7 @@ from typing import Any
 
 from elastic_ep.errors import EtcdUnavailableError
 
-from .etcd_client import call
+from controller.etcd_client import call
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from elastic_ep.errors import ElasticEPError, MalformedValueError
-from elastic_ep.placement import ExpertPlacement
-from elastic_ep.plan import TransferPlan
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.plan import TransferPlan
 
 SCHEMA = 1
 STATES = ("joining", "active", "draining")
+
+
+def member_token(rank_id: str, incarnation: str) -> str:
+    """A member of a placement: ``"pod-3#1f0c9a2e"``. Members are named by id and
+    incarnation, so a rank that registers again is a new member."""
+    return f"{rank_id}#{incarnation}"
+
+
+def member_id(token: str) -> str:
+    """The rank id of a member token: ``member_id("pod-3#1f0c9a2e") == "pod-3"``."""
+    return token.partition("#")[0]
 
 
 def _load(key: str, raw: bytes | str) -> dict[str, Any]:
@@ -70,6 +81,11 @@ class RankRecord:
     endpoint: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
     incarnation: str = ""
+
+    @property
+    def token(self) -> str:
+        """This registration's member token (``id#incarnation``)."""
+        return member_token(self.id, self.incarnation)
 
     def to_json(self) -> str:
         return json.dumps({"schema": SCHEMA, **asdict(self)})

@@ -29,9 +29,9 @@ import time
 import numpy as np
 import torch
 
-from elastic_ep.entrypoint import agent_settings_from_env  # elastic-ep
+from elastic_ep.tools.entrypoint import agent_settings_from_env  # elastic-ep
 from elastic_ep.errors import EtcdUnavailableError
-from elastic_ep.vllm_adapter import VllmExpertAdapter  # elastic-ep
+from elastic_ep.runtime.vllm_adapter import VllmExpertAdapter  # elastic-ep
 
 log = logging.getLogger("vllm_style_engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -9,8 +9,8 @@ import queue
 import signal
 import time
 
-from elastic_ep.plan import TransferPlan
-from elastic_ep.synthetic_rank import FaultPoint, RankJob, run_job
+from elastic_ep.core.plan import TransferPlan
+from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, run_job
 
 
 def run_jobs(jobs: list[RankJob], store=None, fault: FaultPoint | None = None, timeout: float = 90.0) -> dict:

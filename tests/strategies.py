@@ -7,8 +7,8 @@ import math
 import numpy as np
 from hypothesis import strategies as st
 
-from elastic_ep.placement import ExpertPlacement
-from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.rank_mapping import RankMapping
 
 
 @st.composite

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from controller.cli import status
+from elastic_ep.tools.control_commands import status
 from controller.etcd_client import EtcdConfig, connect
-from controller.etcd_server import EtcdServer
+from elastic_ep.tools.etcd_server import EtcdServer
 from controller.records import AckRecord, CommitRecord
-from elastic_ep.polling import wait_for
-from loaders.synthetic import SyntheticSpec, make_checkpoint
+from elastic_ep.tools.polling import wait_for
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=1, seed=5)
 SLOTS = 4
@@ -42,7 +42,7 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(os.path.join(self.logdir, f"{name}.log"), "wb")
-        cmd = [sys.executable, "-m", "elastic_ep.cli", *args, "--etcd", self.srv.endpoint, "--deployment", "fo"]
+        cmd = [sys.executable, "-m", "elastic_ep.tools.cli", *args, "--etcd", self.srv.endpoint, "--deployment", "fo"]
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
     def controller(self, cid: str) -> None:

@@ -14,12 +14,12 @@ import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
 from controller.etcd_client import EtcdConfig, connect
-from controller.etcd_server import EtcdServer, free_port
+from elastic_ep.tools.etcd_server import EtcdServer, free_port
 from controller.records import AckRecord, CommitRecord, PlanRecord
 from elastic_ep.errors import EtcdUnavailableError, NotLeaderError
-from elastic_ep.polling import wait_for
-from elastic_ep.synthetic_rank import run_agent
-from loaders.synthetic import SyntheticSpec, make_checkpoint
+from elastic_ep.tools.polling import wait_for
+from elastic_ep.tools.synthetic_rank import run_agent
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=3)
 SLOTS = 4
@@ -146,7 +146,7 @@ def test_stale_leader_publish_refused(etcd):
     b = _controller(etcd, "ctl-b", min_ranks=1)
     assert a.election.campaign() and not b.election.campaign()
     rec = PlanRecord(1, "ctl-a", [], ["x#1"], None,
-                     __import__("elastic_ep.placement", fromlist=["initial_placement"]).initial_placement(
+                     __import__("elastic_ep.core.placement", fromlist=["initial_placement"]).initial_placement(
                          SPEC.layers, SPEC.experts, 2, SLOTS), "test")
     # a's lease is lost (as after a long pause); b takes over.
     a.client.revoke_lease(a.election.lease.id)

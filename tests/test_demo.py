@@ -10,7 +10,7 @@ import pytest
 
 
 def _demo(*args: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "elastic_ep.cli", "demo", "--json", *args],
+    p = subprocess.run([sys.executable, "-m", "elastic_ep.tools.cli", "demo", "--json", *args],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode in (0, 1), p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -40,6 +40,6 @@ def test_demo_leave_kills_join(args):
 
 
 def test_demo_refuses_impossible_config():
-    p = subprocess.run([sys.executable, "-m", "elastic_ep.cli", "demo", "--ranks", "2", "--fail", "1"],
+    p = subprocess.run([sys.executable, "-m", "elastic_ep.tools.cli", "demo", "--ranks", "2", "--fail", "1"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "too few for 16 experts" in p.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from elastic_ep import entrypoint
+from elastic_ep.tools import entrypoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -169,7 +169,7 @@ def test_etcd_is_three_members_with_tls_for_peers_and_clients():
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_controller_two_replicas_probes_metrics_and_args(overlay):
-    from elastic_ep.cli import build_parser
+    from elastic_ep.tools.cli import build_parser
 
     docs = render(f"overlays/{overlay}")
     dep = one(docs, "Deployment", "elastic-ep-controller")
@@ -185,7 +185,7 @@ def test_controller_two_replicas_probes_metrics_and_args(overlay):
     assert ann["prometheus.io/path"] == "/metrics"
     # The command line the entry point builds from the pod's environment, parsed by the CLI.
     env = pod_env(docs, dep, "elastic-ep-controller-7d9f-abcde")
-    assert c["command"] == ["python", "-m", "elastic_ep.entrypoint"]
+    assert c["command"] == ["python", "-m", "elastic_ep.tools.entrypoint"]
     args = build_parser().parse_args(entrypoint.command_argv(c["args"], env))
     assert args.command == "controller" and args.metrics_host == "0.0.0.0" and args.metrics_port == 9400
     assert min(args.layers, args.experts, args.slots, args.expert_bytes) > 0
@@ -296,7 +296,7 @@ def _local_env(env: dict[str, str], mounts: dict[str, str], endpoint: str) -> di
 @pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("openssl") is None, reason="needs etcd and openssl")
 def test_dev_secrets_make_every_referenced_secret_and_the_pods_environment_works(tmp_path):
     from controller.etcd_client import call, connect
-    from controller.etcd_server import EtcdServer, TLSFiles
+    from elastic_ep.tools.etcd_server import EtcdServer, TLSFiles
 
     kv = _validator()
     ranks = ["moe-serving-0", "moe-serving-1", "moe-serving-2"]

@@ -16,10 +16,10 @@ from elastic_ep.errors import (
     TensorMismatchError,
 )
 from loaders.layout import moe_layout
-from loaders.naming import get_scheme
-from loaders.safetensors_format import INDEX_SUFFIX, read_header
-from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource
-from loaders.synthetic import SyntheticSpec, expected_row, make_checkpoint
+from loaders.checkpoint.naming import get_scheme
+from loaders.checkpoint.safetensors_format import INDEX_SUFFIX, read_header
+from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource
+from loaders.checkpoint.synthetic import SyntheticSpec, expected_row, make_checkpoint
 
 TEMPLATES = {
     "gate": "blocks.{layer}.moe.experts.{expert}.wi_0",

@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from elastic_ep import entrypoint
-from elastic_ep.cli import build_parser
+from elastic_ep.tools import entrypoint
+from elastic_ep.tools.cli import build_parser
 from elastic_ep.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,9 +122,9 @@ def test_main_reports_config_errors_with_status_2(capsys, monkeypatch):
 
 
 def test_controller_runs_through_the_entry_point():
-    """``python -m elastic_ep.entrypoint`` with only the environment: the controller
+    """``python -m elastic_ep.tools.entrypoint`` with only the environment: the controller
     leads, serves /metrics and /healthz where told, and stops on SIGTERM."""
-    from controller.etcd_server import EtcdServer, free_port
+    from elastic_ep.tools.etcd_server import EtcdServer, free_port
 
     port = free_port()
     with EtcdServer() as srv:
@@ -132,7 +132,7 @@ def test_controller_runs_through_the_entry_point():
                "POD_NAME": "elastic-ep-controller-0", "ELASTIC_EP_METRICS_HOST": "127.0.0.1",
                "ELASTIC_EP_METRICS_PORT": str(port),
                "ELASTIC_EP_ARGS": "--layers 2 --experts 8 --slots 4 --expert-bytes 12288 --min-ranks 2"}
-        proc = subprocess.Popen([sys.executable, "-m", "elastic_ep.entrypoint"], env=env, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "elastic_ep.tools.entrypoint"], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline, body = time.monotonic() + 60, ""

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench.eplb_loop import rebalance_loop
-from elastic_ep.eplb import balanced_packing, rebalance_experts
+from elastic_ep.core.eplb import balanced_packing, rebalance_experts
 from elastic_ep.errors import ConfigError
 
 CASES = [

@@ -16,8 +16,9 @@ if shutil.which("etcd") is None:
     pytest.skip("no etcd binary on PATH", allow_module_level=True)
 
 from controller.etcd_client import EtcdConfig, EtcdStore, call, connect  # noqa: E402
-from controller.etcd_security import PKI, auth_layout, make_test_pki, rank_user, setup_auth  # noqa: E402
-from controller.etcd_server import EtcdServer  # noqa: E402
+from controller.security import auth_layout, rank_user, setup_auth  # noqa: E402
+from elastic_ep.tools.pki import PKI, make_test_pki  # noqa: E402
+from elastic_ep.tools.etcd_server import EtcdServer  # noqa: E402
 from elastic_ep.errors import EtcdUnavailableError  # noqa: E402
 
 ROOT = "/elastic-ep/default"

@@ -11,11 +11,11 @@ import pytest
 import torch.distributed as dist
 
 from elastic_ep.errors import StaleEpochError
-from elastic_ep.executor import Participants, PlanExecutor
-from elastic_ep.plan import TransferPlan
-from elastic_ep.synthetic_rank import FaultPoint, RankJob, allocate_weights, load_rank, scenario
-from loaders.safetensors_source import SafetensorsExpertSource
-from loaders.synthetic import SyntheticSpec, make_checkpoint
+from elastic_ep.runtime.executor import Participants, PlanExecutor
+from elastic_ep.core.plan import TransferPlan
+from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, allocate_weights, load_rank, scenario
+from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 from tests.procs import check_exact, run_jobs
 
 SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=7, dense_layers=1)
@@ -120,10 +120,10 @@ def test_source_killed_mid_layer_receivers_fall_through(backend, store, ckpt, rn
 def test_single_process_stale_epoch_refused(store, ckpt, rng):
     """One process, a plan onto itself from disk (every other rank dead), then the
     same epoch again: refused."""
-    from elastic_ep.placement import ExpertPlacement
-    from elastic_ep.plan import build_plan
-    from elastic_ep.policy import get_policy
-    from elastic_ep.rank_mapping import RankMapping
+    from elastic_ep.core.placement import ExpertPlacement
+    from elastic_ep.core.plan import build_plan
+    from elastic_ep.core.policy import get_policy
+    from elastic_ep.core.rank_mapping import RankMapping
 
     # Experts 6 and 7 live only on rank 1, which dies.
     old = ExpertPlacement(np.array([[0, 1, 2, 3, 4, 5, 0, 1, 6, 7, 2, 3, 4, 5, 6, 7]] * SPEC.layers), 8, SPEC.experts)
@@ -137,7 +137,7 @@ def test_single_process_stale_epoch_refused(store, ckpt, rng):
     ex = PlanExecutor(weights, layout, None, disk, store, dead_after_s=1.0)
     report = ex.execute(plan, old_rank=0)
     assert report.bytes_by_route()["disk"] == sum(len(m) for m in plan.missing) * SPEC.expert_bytes > 0
-    from elastic_ep.synthetic_rank import mismatched_slots
+    from elastic_ep.tools.synthetic_rank import mismatched_slots
 
     assert mismatched_slots(SPEC, layout, new, 0, weights) == []
     with pytest.raises(StaleEpochError, match="epoch 5"):

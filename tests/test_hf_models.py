@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("transformers", reason="the model-directory tests write checkpoints with transformers "
                                            "(pip install -e '.[dev]')")
 
-from elastic_ep.cli import main  # noqa: E402
+from elastic_ep.tools.cli import main  # noqa: E402
 from elastic_ep.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -30,11 +30,11 @@ from elastic_ep.errors import (  # noqa: E402
     TensorMismatchError,
     UnsupportedModelError,
 )
-from elastic_ep.executor import Participants  # noqa: E402
-from elastic_ep.synthetic_rank import RankJob, scenario  # noqa: E402
-from loaders.hf_model import open_model  # noqa: E402
+from elastic_ep.runtime.executor import Participants  # noqa: E402
+from elastic_ep.tools.synthetic_rank import RankJob, scenario  # noqa: E402
+from loaders.checkpoint.hf_model import open_model  # noqa: E402
 from loaders.layout import moe_layout  # noqa: E402
-from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource  # noqa: E402
+from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource  # noqa: E402
 from tests.hf_models import EXPERTS, Variant, write_model  # noqa: E402
 from tests.procs import check_exact, run_jobs  # noqa: E402
 
@@ -143,7 +143,7 @@ def test_mtp_layer_holds_experts_but_is_left_out(models):
 
 def test_inspect_text_output(models):
     d = models("deepseek_v3-fp8-mtp")
-    out = subprocess.run([sys.executable, "-m", "elastic_ep.cli", "inspect", d], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "elastic_ep.tools.cli", "inspect", d], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     for piece in ("family deepseek_v3", "fp8 e4m3, block 32x32", "MoE layers: 3 (model layers 1-3)",
@@ -372,7 +372,7 @@ def test_demo_on_a_model_directory(vid, models):
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
     d = models(vid)
     m = open_model(d)
-    out = subprocess.run([sys.executable, "-m", "elastic_ep.cli", "demo", "--model", d, "--json", "--seed", "3"],
+    out = subprocess.run([sys.executable, "-m", "elastic_ep.tools.cli", "demo", "--model", d, "--json", "--seed", "3"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(out.stdout)
@@ -387,7 +387,7 @@ def test_demo_on_a_model_directory(vid, models):
 def test_controller_takes_the_placement_shape_from_the_model(models):
     import argparse
 
-    from controller.cli import model_shape, parse_templates
+    from elastic_ep.tools.control_commands import model_shape, parse_templates
 
     m = open_model(models("gpt_oss-mxfp4"))
     shape = model_shape(argparse.Namespace(model=m.directory, template=None, slots=5, layers=None, experts=None,

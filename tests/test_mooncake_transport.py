@@ -30,7 +30,7 @@ from loaders.transport import PeerRead, get_transport, wait_for_key
 # The transport module sets mooncake's environment defaults before importing it, so it
 # is imported first (mooncake reads its log level on import).
 try:
-    from loaders.mooncake_transport import MooncakeTransport
+    from loaders.transport.mooncake_backend import MooncakeTransport
 except ImportError as e:
     if "mooncake" not in str(e) and not (e.name or "").startswith("mooncake"):
         raise

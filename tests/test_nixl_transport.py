@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 try:
-    from loaders.nixl_transport import NixlTransport
+    from loaders.transport.nixl_backend import NixlTransport
 except ImportError as e:  # depends on the machine
     print(f"skipping NIXL transport tests: nixl cannot be imported ({e})")
     pytest.skip(f"nixl cannot be imported: {e}", allow_module_level=True)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 
 from elastic_ep.errors import PlacementError
-from elastic_ep.placement import ExpertPlacement, balance, initial_placement, rank_loads
+from elastic_ep.core.placement import ExpertPlacement, balance, initial_placement, rank_loads
 
 from strategies import placements
 

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 
 from elastic_ep.errors import PlanError
-from elastic_ep.placement import ExpertPlacement
-from elastic_ep.plan import DISK, TransferPlan, build_plan, lower_bound_bytes, moved_bytes
-from elastic_ep.policy import DeepSeekPolicy, MinMigrationPolicy
-from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.plan import DISK, TransferPlan, build_plan, lower_bound_bytes, moved_bytes
+from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy
+from elastic_ep.core.rank_mapping import RankMapping
 
 from strategies import placement_and_change
 

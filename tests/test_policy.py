@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from elastic_ep.eplb import rebalance_experts
+from elastic_ep.core.eplb import rebalance_experts
 from elastic_ep.errors import ConfigError
-from elastic_ep.placement import ExpertPlacement, balance
-from elastic_ep.plan import build_plan, lower_bound_bytes, moved_bytes
-from elastic_ep.policy import DeepSeekPolicy, MinMigrationPolicy, get_policy, keep_local_slots
-from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.core.placement import ExpertPlacement, balance
+from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes
+from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy, get_policy, keep_local_slots
+from elastic_ep.core.rank_mapping import RankMapping
 
 from strategies import placement_and_change
 

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from elastic_ep.errors import RankMappingError
-from elastic_ep.placement import ExpertPlacement, initial_placement
-from elastic_ep.rank_mapping import RankMapping
+from elastic_ep.core.placement import ExpertPlacement, initial_placement
+from elastic_ep.core.rank_mapping import RankMapping
 
 
 def test_build_failure_leave_and_join():

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from elastic_ep.cli import main
+from elastic_ep.tools.cli import main
 from elastic_ep.errors import ConfigError
-from loaders.naming import get_scheme
-from loaders.safetensors_format import INDEX_SUFFIX, read_header
-from loaders.synthetic import SyntheticSpec, expected_row, expert_tensors, make_checkpoint
+from loaders.checkpoint.naming import get_scheme
+from loaders.checkpoint.safetensors_format import INDEX_SUFFIX, read_header
+from loaders.checkpoint.synthetic import SyntheticSpec, expected_row, expert_tensors, make_checkpoint
 
 TEMPLATES = {
     "gate": "blocks.{layer}.moe.experts.{expert}.wi_0",
@@ -196,7 +196,7 @@ def test_cli_make_checkpoint(tmp_path, capsys):
 def test_synthetic_checkpoint_is_a_model_directory(tmp_path, scheme, dtype, dense, family):
     """The config.json written beside the shards makes the checkpoint readable as the
     family its scheme names, with exactly the spec's layers and serving layout."""
-    from loaders.hf_model import open_model
+    from loaders.checkpoint.hf_model import open_model
 
     spec = SyntheticSpec(layers=3, experts=4, hidden=256, intermediate=192, dtype=dtype, shards=2, scheme=scheme,
                          dense_layers=dense)

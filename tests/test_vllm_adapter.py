@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from elastic_ep.agent import AgentConfig
+from elastic_ep.runtime.agent import AgentConfig
 from elastic_ep.errors import ConfigError, PlanError
-from elastic_ep.placement import ExpertPlacement, initial_placement
-from elastic_ep.plan import build_plan
-from elastic_ep.polling import wait_for
-from elastic_ep.rank_mapping import RankMapping
-from elastic_ep.vllm_adapter import AdapterState, VllmExpertAdapter, infer_layout
-from loaders.safetensors_source import SafetensorsExpertSource
-from loaders.synthetic import SyntheticSpec, expected_row, make_checkpoint
+from elastic_ep.core.placement import ExpertPlacement, initial_placement
+from elastic_ep.core.plan import build_plan
+from elastic_ep.tools.polling import wait_for
+from elastic_ep.core.rank_mapping import RankMapping
+from elastic_ep.runtime.vllm_adapter import AdapterState, VllmExpertAdapter, infer_layout
+from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
+from loaders.checkpoint.synthetic import SyntheticSpec, expected_row, make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16 = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", seed=5)
@@ -184,9 +184,9 @@ def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
     placement, and every slot is bit-exact."""
     from controller.controller import Controller, ControllerConfig, ModelShape
     from controller.etcd_client import EtcdConfig, connect
-    from controller.etcd_server import EtcdServer
+    from elastic_ep.tools.etcd_server import EtcdServer
     from controller.records import AckRecord, CommitRecord, PlanRecord
-    from elastic_ep.entrypoint import agent_settings_from_env
+    from elastic_ep.tools.entrypoint import agent_settings_from_env
 
     spec, ckpt, root = BF16, ckpts["bf16"], "/elastic-ep/vllm"
     with EtcdServer() as srv:
@@ -273,7 +273,7 @@ def test_agent_reads_the_model_directory_and_refuses_another_models_layout(ckpts
     """With no naming scheme the adapter reads the checkpoint as a model directory; an
     engine whose slots do not have that model's expert layout is refused by name."""
     from controller.etcd_client import EtcdConfig
-    from elastic_ep.entrypoint import AgentSettings
+    from elastic_ep.tools.entrypoint import AgentSettings
 
     settings = AgentSettings(AgentConfig(EtcdConfig("127.0.0.1:1"), "engine-x"), checkpoint=ckpts["bf16"])
     other = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=48, dtype="bf16")

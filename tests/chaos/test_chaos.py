@@ -1,5 +1,5 @@
 """Seeded chaos schedules over real processes (etcd, 2 controllers, 5 ranks); after each
-step every invariant of docs/DESIGN.md is checked (see elastic_ep/chaos.py)."""
+step every invariant of docs/DESIGN.md is checked (see elastic_ep/tools/chaos.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from elastic_ep.chaos import FAULTS, ChaosCluster, random_schedule
+from elastic_ep.tools.chaos import FAULTS, ChaosCluster, random_schedule
 
 # Together these cover every fault; each runs on a fresh cluster.
 SCHEDULES = {

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PlacementError
+from elastic_ep.errors import PlacementError
 
 
 def _as_int64(a: Any, name: str) -> np.ndarray:

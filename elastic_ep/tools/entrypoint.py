@@ -1,4 +1,4 @@
-"""The container entry point: ``python -m elastic_ep.entrypoint [ROLE] [ARGS...]`` runs
+"""The container entry point: ``python -m elastic_ep.tools.entrypoint [ROLE] [ARGS...]`` runs
 ``elastic-ep controller``, ``elastic-ep agent`` or the etcd role setup, configured by
 ``ELASTIC_EP_*`` environment variables (a Kubernetes ConfigMap, the downward API and
 mounted Secrets) instead of flags.
@@ -56,7 +56,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError, ElasticEPError
+from elastic_ep.errors import ConfigError, ElasticEPError
 
 ROLES = ("controller", "agent", "setup-auth")
 
@@ -155,7 +155,7 @@ def command_argv(argv: Sequence[str] = (), env: Mapping[str, str] | None = None)
 def etcd_config_from_env(env: Mapping[str, str] | None = None, ident: str | None = None) -> Any:
     """An :class:`~controller.etcd_client.EtcdConfig` from the environment, through the
     same flags and reader (password file, ``ELASTIC_EP_ETCD_PASSWORD``) as the CLI."""
-    from controller.cli import add_etcd_args, etcd_config
+    from elastic_ep.tools.control_commands import add_etcd_args, etcd_config
 
     parser = argparse.ArgumentParser(prog="elastic-ep (environment)", add_help=False)
     add_etcd_args(parser)
@@ -168,11 +168,11 @@ def etcd_config_from_env(env: Mapping[str, str] | None = None, ident: str | None
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """What a serving process embedding a :class:`~elastic_ep.agent.RankAgent` takes from
+    """What a serving process embedding a :class:`~elastic_ep.runtime.agent.RankAgent` takes from
     the environment.
 
     Attributes:
-        config: the agent's :class:`~elastic_ep.agent.AgentConfig` (etcd, id, node, and
+        config: the agent's :class:`~elastic_ep.runtime.agent.AgentConfig` (etcd, id, node, and
             the transport's name as its endpoint).
         transport: ``torch``, ``nixl`` or ``mooncake``.
         transport_options: keyword options of the transport, e.g. ``{"interface": "eth0"}``
@@ -188,8 +188,8 @@ class AgentSettings:
 
 def agent_settings_from_env(env: Mapping[str, str] | None = None, **agent_fields: Any) -> AgentSettings:
     """:class:`AgentSettings` from ``ELASTIC_EP_*``; ``agent_fields`` override fields of
-    the :class:`~elastic_ep.agent.AgentConfig` (``lease_ttl_s=5``)."""
-    from .agent import AgentConfig
+    the :class:`~elastic_ep.runtime.agent.AgentConfig` (``lease_ttl_s=5``)."""
+    from elastic_ep.runtime.agent import AgentConfig
 
     env = os.environ if env is None else env
     ident = member_id(env)
@@ -235,7 +235,7 @@ def rank_passwords(directory: str) -> dict[str, str]:
 
 
 def setup_auth_from_env(env: Mapping[str, str] | None = None) -> list[Any]:
-    """Run :func:`controller.etcd_security.setup_auth` configured by the environment.
+    """Run :func:`controller.security.setup_auth` configured by the environment.
 
     Connects with the etcd settings above (an admin certificate whose CN is ``root``
     works before and after auth is on) and reads:
@@ -245,7 +245,7 @@ def setup_auth_from_env(env: Mapping[str, str] | None = None) -> list[Any]:
     (default ``elastic-ep``). Returns the roles.
     """
     from controller.etcd_client import connect
-    from controller.etcd_security import controller_role_name, setup_auth
+    from controller.security import controller_role_name, setup_auth
 
     env = os.environ if env is None else env
     missing = [v for v in ("ELASTIC_EP_ROOT_PASSWORD_FILE", "ELASTIC_EP_CONTROLLER_PASSWORD_FILE",
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ElasticEPError, PermissionError) as e:
         print(f"elastic-ep entrypoint: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    from .cli import main as cli_main
+    from elastic_ep.tools.cli import main as cli_main
 
     return cli_main(cmd)
 

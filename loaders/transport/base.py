@@ -31,7 +31,7 @@ import torch
 
 from elastic_ep.errors import ConfigError, TransportError
 
-from .layout import ExpertLayout, LayerWeights
+from loaders.layout import ExpertLayout, LayerWeights
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def get_transport(name: str, layout: ExpertLayout, **options: Any) -> PeerTransp
     """A transport by name: ``torch`` (gloo on CPU, NCCL on CUDA), ``nixl``, ``mooncake``."""
     import importlib
 
-    modules = {"torch": "loaders.torch_transport", "nixl": "loaders.nixl_transport", "mooncake": "loaders.mooncake_transport"}
+    modules = {"torch": "loaders.transport.torch_backend", "nixl": "loaders.transport.nixl_backend", "mooncake": "loaders.transport.mooncake_backend"}
     if name not in modules:
         raise ConfigError(f"unknown transport {name!r}; choose one of {sorted(modules)}")
     try:

@@ -21,12 +21,12 @@ from typing import Any, Callable
 import numpy as np
 
 from controller.etcd_client import EtcdConfig, connect
-from controller.etcd_server import EtcdServer
+from elastic_ep.tools.etcd_server import EtcdServer
 from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
-from loaders.synthetic import SyntheticSpec, make_checkpoint
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
-from .errors import ElasticEPError
-from .polling import wait_for
+from elastic_ep.errors import ElasticEPError
+from elastic_ep.tools.polling import wait_for
 
 FAULTS = ("kill_one", "kill_two", "kill_holders", "kill_in_transfer", "kill_leader", "restart_etcd",
           "join_after_failure", "double_failure")
@@ -94,7 +94,7 @@ class ChaosCluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(os.path.join(self.workdir, f"{name}.log"), "ab")
-        cmd = [sys.executable, "-m", "elastic_ep.cli", *args, "--etcd", self.etcd.endpoint, "--deployment", "chaos"]
+        cmd = [sys.executable, "-m", "elastic_ep.tools.cli", *args, "--etcd", self.etcd.endpoint, "--deployment", "chaos"]
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 
 from elastic_ep.errors import ConfigError
 
-from .layout import ExpertLayout, moe_layout
-from .naming import NamingScheme, get_scheme
-from .safetensors_format import INDEX_SUFFIX
+from loaders.layout import ExpertLayout, moe_layout
+from loaders.checkpoint.naming import NamingScheme, get_scheme
+from loaders.checkpoint.safetensors_format import INDEX_SUFFIX
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -220,7 +220,7 @@ def _tensor_plan(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...], torch.
 
 def hf_config(spec: SyntheticSpec) -> dict[str, object] | None:
     """A ``config.json`` describing the checkpoint as the model family its scheme names
-    (DeepSeek-V3, Qwen3-MoE, Mixtral), so :func:`loaders.hf_model.open_model` reads it
+    (DeepSeek-V3, Qwen3-MoE, Mixtral), so :func:`loaders.checkpoint.hf_model.open_model` reads it
     like a downloaded model; ``None`` for a user template or Mixtral with dense layers."""
     H, I, E, n = spec.hidden, spec.intermediate, spec.experts, spec.dense_layers + spec.layers
     base: dict[str, object] = {"hidden_size": H, "num_hidden_layers": n, "intermediate_size": I,

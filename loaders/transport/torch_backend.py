@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from elastic_ep.errors import ConfigError, TransportError
 
-from .layout import ExpertLayout
-from .transport import PeerRead, PeerSend, PeerTransport, register_backend
+from loaders.layout import ExpertLayout
+from loaders.transport import PeerRead, PeerSend, PeerTransport, register_backend
 
 
 @register_backend("torch")

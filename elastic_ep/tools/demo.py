@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ElasticEPError
-from .polling import wait_for
+from elastic_ep.errors import ConfigError, ElasticEPError
+from elastic_ep.tools.polling import wait_for
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Demo:
     def run(self) -> dict[str, Any]:
         from controller.controller import Controller, ControllerConfig, ModelShape
         from controller.etcd_client import EtcdConfig, connect
-        from controller.etcd_server import EtcdServer
-        from loaders.synthetic import SyntheticSpec, make_checkpoint
+        from elastic_ep.tools.etcd_server import EtcdServer
+        from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
         a = self.args
         rng = np.random.default_rng(a.seed)
@@ -124,7 +124,7 @@ class Demo:
     def _agent(self, rid: str, ckpt: str, work: str) -> None:
         a, s = self.args, self.spec
         log = open(os.path.join(work, f"{rid}.log"), "wb")
-        cmd = [sys.executable, "-m", "elastic_ep.cli", "agent", "--etcd", self.cfg.endpoint, "--deployment", "demo",
+        cmd = [sys.executable, "-m", "elastic_ep.tools.cli", "agent", "--etcd", self.cfg.endpoint, "--deployment", "demo",
                "--id", rid, "--seed", str(a.seed), "--slots", str(a.slots), "--transport", a.transport,
                "--lease-ttl", str(a.lease_ttl)]
         if self.model is not None:
@@ -375,8 +375,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = None
     experts = args.experts
     if args.model:
-        from controller.cli import parse_templates
-        from loaders.hf_model import open_model
+        from elastic_ep.tools.control_commands import parse_templates
+        from loaders.checkpoint.hf_model import open_model
 
         model = open_model(args.model, templates=parse_templates(args.template))
         experts = model.experts

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from elastic_ep.errors import ConfigError
 
 
 def _as_weight(weight: Any) -> torch.Tensor:

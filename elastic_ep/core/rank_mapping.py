@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import RankMappingError
-from .placement import ExpertPlacement
+from elastic_ep.errors import RankMappingError
+from elastic_ep.core.placement import ExpertPlacement
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ tests and the transfer benchmark run in each process in place of a serving engin
 It loads its slots from a checkpoint through the disk loader (as a serving process
 loads its weights at start-up): a synthetic one, or a Hugging Face model directory. It
 executes plans with :class:`PlanExecutor` and checks every slot bit-exactly against the
-checkpoint's expert (:class:`loaders.model.ExpertModel`).
+checkpoint's expert (:class:`loaders.checkpoint.model.ExpertModel`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any, Sequence
 import torch
 
 from loaders.layout import ExpertLayout
-from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource
-from loaders.model import ExpertModel
+from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource
+from loaders.checkpoint.model import ExpertModel
 
-from .executor import PlanExecutor
-from .placement import ExpertPlacement
-from .plan import TransferPlan
+from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.plan import TransferPlan
 
 FILL_BYTE = 0xA5  # what an unfilled slot holds, so a missed write shows
 
@@ -177,10 +177,10 @@ def scenario(
     """
     import numpy as np
 
-    from .placement import initial_placement
-    from .plan import build_plan
-    from .policy import get_policy
-    from .rank_mapping import RankMapping
+    from elastic_ep.core.placement import initial_placement
+    from elastic_ep.core.plan import build_plan
+    from elastic_ep.core.policy import get_policy
+    from elastic_ep.core.rank_mapping import RankMapping
 
     old_ep = {"fail": processes + 1, "leave": processes, "join": processes - 1}[kind]
     if old_ep * slots_per_rank < experts:
@@ -230,7 +230,7 @@ def run_agent(
     windows report (the same for every rank of a deployment)."""
     from loaders.transport import get_transport
 
-    from .agent import AgentConfig, RankAgent
+    from elastic_ep.runtime.agent import AgentConfig, RankAgent
 
     layout = spec.layout()
     weights = allocate_weights(layout, spec.layers, slots_per_rank)
@@ -238,7 +238,7 @@ def run_agent(
     tp = get_transport(transport, layout)
     ex = PlanExecutor(weights, layout, tp, disk, None, source_timeout_s=source_timeout_s,
                       dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4), routes=routes)
-    from .load_stats import zipf_load
+    from elastic_ep.core.load_stats import zipf_load
 
     # One popularity for the whole deployment (seeded by the model), as the ranks of one
     # serving deployment would count it.

@@ -45,8 +45,8 @@ import torch
 
 from elastic_ep.errors import ConfigError, TransportError
 
-from .layout import ExpertLayout
-from .transport import OneSidedTransport, PeerRead, WeightTable, register_backend
+from loaders.layout import ExpertLayout
+from loaders.transport import OneSidedTransport, PeerRead, WeightTable, register_backend
 
 # Before mooncake is imported: its logging reads the level then; the TCP timeouts are
 # read per transfer. A stuck TCP transfer fails inside the transport after

@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .eplb import rebalance_experts
-from .errors import ConfigError
-from .placement import ExpertPlacement
-from .rank_mapping import RankMapping
+from elastic_ep.core.eplb import rebalance_experts
+from elastic_ep.errors import ConfigError
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.rank_mapping import RankMapping
 
 
 def _check_inputs(old: ExpertPlacement, mapping: RankMapping, load: np.ndarray) -> np.ndarray:

@@ -6,13 +6,13 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .layout import ExpertLayout
-from .naming import NamingScheme
+from loaders.layout import ExpertLayout
+from loaders.checkpoint.naming import NamingScheme
 
 
 class ExpertModel(Protocol):
-    """The experts of a checkpoint: :class:`loaders.synthetic.SyntheticSpec` (generated
-    checkpoints) and :class:`loaders.hf_model.ModelCheckpoint` (model directories).
+    """The experts of a checkpoint: :class:`loaders.checkpoint.synthetic.SyntheticSpec` (generated
+    checkpoints) and :class:`loaders.checkpoint.hf_model.ModelCheckpoint` (model directories).
 
     ``layers`` MoE layers (placement layer ``i`` is checkpoint layer
     ``moe_layer_ids[i]``) of ``experts`` routed experts, each packing into

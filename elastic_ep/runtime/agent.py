@@ -23,9 +23,9 @@ from typing import Any, Callable
 from controller.etcd_client import EtcdConfig, EtcdStore, call, connect
 from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
 
-from .errors import EtcdUnavailableError, MalformedValueError
-from .executor import PlanExecutor
-from .placement import ExpertPlacement
+from elastic_ep.errors import EtcdUnavailableError, MalformedValueError
+from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.core.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
 

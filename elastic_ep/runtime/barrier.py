@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol, Sequence
 
-from .errors import TransportError
+from elastic_ep.errors import TransportError
 
 
 class Liveness(Protocol):

@@ -1,4 +1,4 @@
-"""The rank side of a plan: apply a :class:`~elastic_ep.plan.TransferPlan` to this
+"""The rank side of a plan: apply a :class:`~elastic_ep.core.plan.TransferPlan` to this
 process's expert weights, layer by layer.
 
 Per layer, every participant (live old ranks in order, then joining ranks) does:
@@ -25,13 +25,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from loaders.layout import ExpertLayout, LayerWeights
-from loaders.safetensors_source import SafetensorsExpertSource
+from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 from loaders.transport import PeerRead, PeerSend, PeerTransport
 
-from .barrier import Liveness, StoreBarrier, StoreHeartbeat
-from .errors import ConfigError, PlanError, StaleEpochError, TransportError
-from .plan import DISK, ROUTES, Transfer, TransferPlan
-from .rank_mapping import RankMapping
+from elastic_ep.runtime.barrier import Liveness, StoreBarrier, StoreHeartbeat
+from elastic_ep.errors import ConfigError, PlanError, StaleEpochError, TransportError
+from elastic_ep.core.plan import DISK, ROUTES, Transfer, TransferPlan
+from elastic_ep.core.rank_mapping import RankMapping
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ import torch
 
 from elastic_ep.errors import ConfigError, TransportError
 
-from .layout import ExpertLayout
-from .transport import OneSidedTransport, PeerRead, WeightTable, register_backend
+from loaders.layout import ExpertLayout
+from loaders.transport import OneSidedTransport, PeerRead, WeightTable, register_backend
 
 # Before nixl is imported: its Python logger and the C++ core read this once.
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")

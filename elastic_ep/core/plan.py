@@ -23,9 +23,9 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from .errors import PlanError
-from .placement import ExpertPlacement
-from .rank_mapping import RankMapping
+from elastic_ep.errors import PlanError
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.rank_mapping import RankMapping
 
 SCHEMA_VERSION = 1
 DISK = -1

@@ -41,9 +41,9 @@ from elastic_ep.errors import (
     TensorMismatchError,
 )
 
-from .layout import ExpertLayout, LayerWeights
-from .naming import NamingScheme, get_scheme
-from .safetensors_format import DTYPE_NAMES, CheckpointFiles, SafetensorsHeader, read_header
+from loaders.layout import ExpertLayout, LayerWeights
+from loaders.checkpoint.naming import NamingScheme, get_scheme
+from loaders.checkpoint.safetensors_format import DTYPE_NAMES, CheckpointFiles, SafetensorsHeader, read_header
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class SafetensorsExpertSource:
                         f"{path}: tensor {name!r} (layer {layer} = checkpoint layer {ckpt_layer}, "
                         f"expert {expert}) is {info.dtype_str} {list(info.shape)}, the serving "
                         f"layout's {span.tensor} expects {DTYPE_NAMES.get(span.dtype, span.dtype)} "
-                        f"{want}; build the layout from the model directory (loaders.hf_model) or "
+                        f"{want}; build the layout from the model directory (loaders.checkpoint.hf_model) or "
                         "from the model's config (hidden, intermediate, dtype, fp8 scales)"
                     )
                 begin = info.begin

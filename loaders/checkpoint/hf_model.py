@@ -67,9 +67,9 @@ from elastic_ep.errors import (
     UnsupportedModelError,
 )
 
-from .layout import CheckpointPart, ExpertLayout, SlotTensor
-from .naming import NamingScheme, get_scheme
-from .safetensors_format import DTYPE_NAMES, CheckpointFiles, SafetensorsHeader, TensorInfo, read_header
+from loaders.layout import CheckpointPart, ExpertLayout, SlotTensor
+from loaders.checkpoint.naming import NamingScheme, get_scheme
+from loaders.checkpoint.safetensors_format import DTYPE_NAMES, CheckpointFiles, SafetensorsHeader, TensorInfo, read_header
 
 LAYER_PREFIXES: tuple[str, ...] = ("model.layers", "language_model.model.layers", "model.language_model.layers")
 """Where decoder layers live: text models, and multimodal checkpoints (Llama 4) that
@@ -217,7 +217,7 @@ class ModelCheckpoint:
             ``"mxfp4"``, ...
         left_out: what is not part of the placement, and why.
 
-    Same interface as :class:`loaders.synthetic.SyntheticSpec` where the ranks use one
+    Same interface as :class:`loaders.checkpoint.synthetic.SyntheticSpec` where the ranks use one
     (``layers``, ``experts``, ``naming``, ``moe_layer_ids``, ``layout()``,
     ``expert_bytes``, ``expected_row``).
     """
@@ -247,7 +247,7 @@ class ModelCheckpoint:
     def source(self, **kwargs: Any) -> Any:
         """A :class:`SafetensorsExpertSource` over this directory (``kwargs``: its
         ``num_threads``, ``read_chunk_bytes``)."""
-        from .safetensors_source import SafetensorsExpertSource
+        from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 
         return SafetensorsExpertSource(self.directory, self.naming, self.expert_layout, self.moe_layer_ids, **kwargs)
 

@@ -13,7 +13,7 @@ What such an engine holds (vLLM's ``MixtureOfExperts`` / ``EplbState`` names):
 
 :class:`VllmExpertAdapter` turns these into what the agent needs (an
 :class:`~loaders.layout.ExpertLayout`, per-layer views the
-:class:`~elastic_ep.executor.PlanExecutor` writes through, the ``load_initial`` /
+:class:`~elastic_ep.runtime.executor.PlanExecutor` writes through, the ``load_initial`` /
 ``on_commit`` / ``load_window`` callbacks) and rewrites the maps in place whenever the
 weights change, so weights and maps never disagree while the engine runs a step.
 
@@ -65,12 +65,12 @@ import numpy as np
 import torch
 
 from loaders.layout import ExpertLayout, moe_layout
-from loaders.safetensors_source import ExpertRequest, SafetensorsExpertSource
+from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource
 
-from .errors import ConfigError, PlacementError
-from .executor import ExecutionReport, PlanExecutor
-from .placement import ExpertPlacement
-from .plan import TransferPlan
+from elastic_ep.errors import ConfigError, PlacementError
+from elastic_ep.runtime.executor import ExecutionReport, PlanExecutor
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.plan import TransferPlan
 
 log = logging.getLogger(__name__)
 
@@ -359,8 +359,8 @@ class VllmExpertAdapter:
         verify: bool = False,
         **executor_options: Any,
     ) -> Any:
-        """A :class:`~elastic_ep.agent.RankAgent` for this engine from
-        :class:`~elastic_ep.entrypoint.AgentSettings`: its transport, the checkpoint in
+        """A :class:`~elastic_ep.runtime.agent.RankAgent` for this engine from
+        :class:`~elastic_ep.tools.entrypoint.AgentSettings`: its transport, the checkpoint in
         ``settings.checkpoint`` as disk fallback, and the callbacks above. ``scheme``
         None: the checkpoint is a Hugging Face model directory, read like ``elastic-ep
         inspect`` (naming, MoE layer ids, and a check that its experts have this
@@ -369,12 +369,12 @@ class VllmExpertAdapter:
         checkpoint (reads them all; tests only)."""
         from loaders.transport import get_transport
 
-        from .agent import RankAgent
+        from elastic_ep.runtime.agent import RankAgent
 
         if not settings.checkpoint:
             raise ConfigError("the agent needs the model directory (ELASTIC_EP_MODEL) for its disk fallback")
         if scheme is None:
-            from loaders.hf_model import open_model
+            from loaders.checkpoint.hf_model import open_model
 
             model = open_model(settings.checkpoint)
             if model.expert_layout != self.layout:

@@ -12,7 +12,7 @@ from typing import Any
 
 from elastic_ep.errors import ConfigError
 
-from .etcd_client import EtcdConfig
+from controller.etcd_client import EtcdConfig
 
 
 def add_etcd_args(p: argparse.ArgumentParser) -> None:
@@ -60,8 +60,8 @@ def add_model_args(p: argparse.ArgumentParser, group: Any = None) -> None:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
-    from .controller import Controller, ControllerConfig
-    from .metrics import ControllerMetrics, serve
+    from controller.controller import Controller, ControllerConfig
+    from controller.metrics import ControllerMetrics, serve
 
     _logging(args.verbose)
     metrics = ControllerMetrics()
@@ -81,10 +81,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
 def model_shape(args: argparse.Namespace) -> Any:
     """The placement's shape: from ``--model DIR`` (read like ``elastic-ep inspect``),
     or from ``--layers --experts --expert-bytes``."""
-    from .controller import ModelShape
+    from controller.controller import ModelShape
 
     if args.model:
-        from loaders.hf_model import open_model
+        from loaders.checkpoint.hf_model import open_model
 
         m = open_model(args.model, templates=parse_templates(args.template))
         return ModelShape(m.layers, m.experts, args.slots, m.expert_bytes)
@@ -109,12 +109,12 @@ def parse_templates(items: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from elastic_ep.synthetic_rank import run_agent
-    from loaders.synthetic import SyntheticSpec
+    from elastic_ep.tools.synthetic_rank import run_agent
+    from loaders.checkpoint.synthetic import SyntheticSpec
 
     _logging(args.verbose)
     if args.model:
-        from loaders.hf_model import open_model
+        from loaders.checkpoint.hf_model import open_model
 
         spec: Any = open_model(args.model, templates=parse_templates(args.template))
         ckpt = args.model
@@ -131,7 +131,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def status(cfg: EtcdConfig) -> dict[str, Any]:
     """The deployment as one JSON-able object: ranks, epochs, leader, last commit."""
-    from .controller import Controller, ControllerConfig, ModelShape
+    from controller.controller import Controller, ControllerConfig, ModelShape
 
     ctl = Controller(ControllerConfig(cfg, ModelShape(1, 1, 1, 1)))
     v = ctl.view()

@@ -11,13 +11,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ElasticEPError
-from .load_stats import zipf_load
-from .eplb import rebalance_experts
-from .placement import ExpertPlacement, balance
-from .plan import build_plan, lower_bound_bytes, moved_bytes
-from .policy import get_policy
-from .rank_mapping import RankMapping
+from elastic_ep.errors import ElasticEPError
+from elastic_ep.core.load_stats import zipf_load
+from elastic_ep.core.eplb import rebalance_experts
+from elastic_ep.core.placement import ExpertPlacement, balance
+from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes
+from elastic_ep.core.policy import get_policy
+from elastic_ep.core.rank_mapping import RankMapping
 
 # DeepSeek-V3: 58 MoE layers, 256 routed experts, one bf16 expert = 3 x 2048 x 7168 x 2 B.
 DSV3_EXPERT_BYTES = 88_080_384
@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     """Write a deterministic synthetic MoE checkpoint and say what was written."""
-    from loaders.synthetic import SyntheticSpec, make_checkpoint
+    from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
     spec = SyntheticSpec(
         layers=args.layers, experts=args.experts, hidden=args.hidden, intermediate=args.intermediate,
@@ -102,8 +102,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """What elastic-ep sees in a Hugging Face model directory."""
-    from controller.cli import parse_templates
-    from loaders.hf_model import open_model
+    from elastic_ep.tools.control_commands import parse_templates
+    from loaders.checkpoint.hf_model import open_model
 
     m = open_model(args.model_dir, templates=parse_templates(args.template))
     d = m.to_dict()
@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     ins.set_defaults(func=cmd_inspect)
 
-    from controller.cli import add_commands
+    from elastic_ep.tools.control_commands import add_commands
 
-    from .demo import add_command as add_demo
+    from elastic_ep.tools.demo import add_command as add_demo
 
     add_commands(sub)
     add_demo(sub)

@@ -1,0 +1,2 @@
+"""The rank runtime: the agent embedded in a serving process, the plan executor, the
+layer barrier, and the vLLM-style engine adapter."""

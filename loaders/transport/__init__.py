@@ -1,0 +1,27 @@
+"""Peer transports: one interface (:class:`PeerTransport`) to read packed expert slots
+out of another rank's registered weights; backends ``torch`` (gloo/NCCL, two-sided),
+``nixl`` and ``mooncake`` (one-sided READ), loaded by name with :func:`get_transport`."""
+
+from loaders.transport.base import (
+    OneSidedTransport,
+    PeerRead,
+    PeerSend,
+    PeerTransport,
+    Segment,
+    WeightTable,
+    get_transport,
+    register_backend,
+    wait_for_key,
+)
+
+__all__ = [
+    "OneSidedTransport",
+    "PeerRead",
+    "PeerSend",
+    "PeerTransport",
+    "Segment",
+    "WeightTable",
+    "get_transport",
+    "register_backend",
+    "wait_for_key",
+]
