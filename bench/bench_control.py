@@ -123,12 +123,16 @@ def publication(srv: EtcdServer, repeats: int) -> tuple[float, float, int]:
     return statistics.median(fenced) * 1e3, statistics.median(plain) * 1e3, len(body)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kills", type=int, default=4)
+    ap.add_argument("--kills", type=int, default=4, help="agents to SIGKILL, one at a time")
     ap.add_argument("--ttl", type=int, default=2, help="rank lease TTL, seconds")
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
+    ap.add_argument("--repeats", type=int, default=10, help="plan publications to time")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory(prefix="elastic-ep-bench-control-") as d, EtcdServer() as srv:
         detect, recover = detection(srv, args.kills, args.ttl, d)
         pub_ms, put_ms, size = publication(srv, args.repeats)

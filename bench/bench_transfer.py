@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from elastic_ep.core.plan import TransferPlan  # noqa: E402
 from elastic_ep.runtime.executor import Participants  # noqa: E402
 from elastic_ep.tools.synthetic_rank import RankJob, run_job, scenario  # noqa: E402
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
@@ -50,7 +51,7 @@ def copy_gbps(nbytes: int, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def run_backend(backend: str, plan, spec: SyntheticSpec, ckpt: str, timeout: float) -> list[dict]:
+def run_backend(backend: str, plan: TransferPlan, spec: SyntheticSpec, ckpt: str, timeout: float) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     parts = Participants.of(plan.mapping)
     base = dict(transport=backend, store_host="127.0.0.1", store_port=store.port, ckpt_dir=ckpt, spec=spec,
@@ -81,7 +82,7 @@ def run_backend(backend: str, plan, spec: SyntheticSpec, ckpt: str, timeout: flo
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["torch", "nixl", "mooncake"])
     ap.add_argument("--ranks", type=int, default=3, help="ranks before the scale-up")
@@ -93,21 +94,45 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="checkpoint directory (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=600)
-    args = ap.parse_args()
-    print(f"seed={args.seed}")
+    return ap.parse_args()
 
+
+def ensure_checkpoint(ckpt: str, spec: SyntheticSpec) -> None:
+    if os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
+        return
+    t = time.perf_counter()
+    make_checkpoint(ckpt, spec)
+    print(f"checkpoint: {spec.layers * spec.experts * spec.expert_bytes / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
+
+
+def measure(backend: str, plan: TransferPlan, spec: SyntheticSpec, ckpt: str, args: argparse.Namespace,
+            base_gbps: float) -> tuple[float, float]:
+    """Run ``plan`` through ``backend``: ``(peer GB/s over the copy's, peak staging over
+    one layer's local weights)``."""
+    out = run_backend(backend, plan, spec, ckpt, args.timeout)
+    planned = plan.bytes_by_route()
+    layer_bytes = args.slots * spec.expert_bytes
+    peer_bytes = sum(r["report"]["bytes"]["peer"] for r in out)
+    peer_s = max(r["report"]["phase_seconds"]["peer"] for r in out)
+    total_s = max(r["report"]["seconds"] for r in out)
+    peak = max(r["report"]["peak_staging_bytes"] for r in out)
+    gbps = peer_bytes / peer_s / 1e9
+    assert peer_bytes == planned["peer"], (peer_bytes, planned)
+    print(f"{backend}: peer {peer_bytes / 1e6:.0f} MB in {peer_s:.3f} s = {gbps:.2f} GB/s "
+          f"({gbps / base_gbps:.3f}x copy); whole plan {total_s:.3f} s; peak staging {peak / 2**20:.1f} MiB "
+          f"= {peak / layer_bytes:.2f}x one layer's local weights ({layer_bytes / 2**20:.1f} MiB)")
+    return gbps / base_gbps, peak / layer_bytes
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"seed={args.seed}")
     spec = SyntheticSpec(layers=args.layers, experts=args.experts, hidden=args.hidden,
                          intermediate=args.intermediate, dtype="bf16", shards=4, seed=args.seed)
     eb = spec.expert_bytes
-    tmp = None
-    ckpt = args.dir
-    if ckpt is None:
-        tmp = tempfile.TemporaryDirectory(prefix="elastic-ep-bench-transfer-")
-        ckpt = tmp.name
-    if not os.path.exists(os.path.join(ckpt, "model.safetensors.index.json")):
-        t = time.perf_counter()
-        make_checkpoint(ckpt, spec)
-        print(f"checkpoint: {args.layers * args.experts * eb / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
+    tmp = tempfile.TemporaryDirectory(prefix="elastic-ep-bench-transfer-") if args.dir is None else None
+    ckpt = tmp.name if tmp is not None else args.dir
+    ensure_checkpoint(ckpt, spec)
     plan = scenario(np.random.default_rng(args.seed), "join", processes=args.ranks + 1, layers=args.layers,
                     experts=args.experts, slots_per_rank=args.slots, expert_bytes=eb)
     planned = plan.bytes_by_route()
@@ -115,28 +140,16 @@ def main() -> None:
           f"peer {planned['peer'] / 1e6:.0f} MB, local {planned['local'] / 1e6:.0f} MB, disk {planned['disk'] / 1e6:.0f} MB")
     base = copy_gbps(planned["peer"])
     print(f"baseline memory copy of {planned['peer'] / 1e6:.0f} MB: {base:.2f} GB/s")
-
     ratios: dict[str, float] = {}
     peak_ratio = 0.0
-    layer_bytes = args.slots * eb
     for backend in args.backends:
         try:
             importlib.import_module(MODULES[backend])
         except Exception as e:
             print(f"{backend}: cannot be imported ({e}), skipped")
             continue
-        out = run_backend(backend, plan, spec, ckpt, args.timeout)
-        peer_bytes = sum(r["report"]["bytes"]["peer"] for r in out)
-        peer_s = max(r["report"]["phase_seconds"]["peer"] for r in out)
-        total_s = max(r["report"]["seconds"] for r in out)
-        peak = max(r["report"]["peak_staging_bytes"] for r in out)
-        gbps = peer_bytes / peer_s / 1e9
-        ratios[backend] = gbps / base
-        peak_ratio = max(peak_ratio, peak / layer_bytes)
-        assert peer_bytes == planned["peer"], (peer_bytes, planned)
-        print(f"{backend}: peer {peer_bytes / 1e6:.0f} MB in {peer_s:.3f} s = {gbps:.2f} GB/s "
-              f"({ratios[backend]:.3f}x copy); whole plan {total_s:.3f} s; peak staging {peak / 2**20:.1f} MiB "
-              f"= {peak / layer_bytes:.2f}x one layer's local weights ({layer_bytes / 2**20:.1f} MiB)")
+        ratios[backend], peak = measure(backend, plan, spec, ckpt, args, base)
+        peak_ratio = max(peak_ratio, peak)
     print(" ".join(f"{b}_copy_ratio={r:.3f}" for b, r in ratios.items()) + f" peak_staging_ratio={peak_ratio:.3f}")
     if tmp is not None:
         tmp.cleanup()

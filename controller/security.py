@@ -148,9 +148,6 @@ def setup_auth(
     holds, and users or roles of removed ranks, are left in place (remove them with
     ``etcdctl role revoke-permission`` / ``user delete``).
     """
-    from etcd3 import etcdrpc
-    from etcd3.etcdrpc import auth_pb2
-
     roles = auth_layout(root, list(ranks), role_prefix)
     users: list[tuple[str, str, str]] = [(controller_user, controller_password, roles[0].name)]  # name, pw, role
     users += [(rank_user(rid, role_prefix), pw, rank_user(rid, role_prefix)) for rid, pw in ranks.items()]
@@ -162,6 +159,19 @@ def setup_auth(
     for user, pw, _ in users:
         if not user or not pw:
             raise ConfigError(f"etcd user {user!r} needs a non-empty name and password")
+    _apply_roles(client, roles)
+    if not _apply_users(client, users):
+        from etcd3 import etcdrpc
+
+        _auth(client, "AuthEnable", etcdrpc.AuthEnableRequest())
+    log.info("etcd auth enabled under %s: %d roles, users %s", root, len(roles) + 1, names)
+    return roles
+
+
+def _apply_roles(client: Any, roles: list[Role]) -> None:
+    """Create ``root`` and every role that is missing, and (re)grant each role's keys."""
+    from etcd3 import etcdrpc
+    from etcd3.etcdrpc import auth_pb2
 
     perm_type = {"read": auth_pb2.Permission.READ, "write": auth_pb2.Permission.WRITE,
                  "readwrite": auth_pb2.Permission.READWRITE}
@@ -173,6 +183,12 @@ def setup_auth(
         for g in role.grants:
             perm = auth_pb2.Permission(permType=perm_type[g.perm], key=g.key.encode(), range_end=g.range_end())
             _auth(client, "RoleGrantPermission", etcdrpc.AuthRoleGrantPermissionRequest(name=role.name, perm=perm))
+
+
+def _apply_users(client: Any, users: list[tuple[str, str, str]]) -> bool:
+    """Create each ``(user, password, role)`` that is missing, grant its role and set its
+    password. Returns True when etcd already has auth enabled."""
+    from etcd3 import etcdrpc
 
     have_users = set(_auth(client, "UserList", etcdrpc.AuthUserListRequest()).users)
     auth_on = False
@@ -189,7 +205,4 @@ def setup_auth(
             _auth(client, "UserChangePassword", etcdrpc.AuthUserChangePasswordRequest(name=user, password=pw))
             if state == "wrong":
                 log.warning("etcd user %s: password changed; its clients must reconnect", user)
-    if not auth_on:
-        _auth(client, "AuthEnable", etcdrpc.AuthEnableRequest())
-    log.info("etcd auth enabled under %s: %d roles, users %s", root, len(roles) + 1, names)
-    return roles
+    return auth_on

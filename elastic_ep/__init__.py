@@ -17,9 +17,11 @@ name                        what it is
 ``EtcdConfig``              how to reach etcd (TLS, auth)
 ``Controller``              the control loop; ``ControllerConfig``, ``ModelShape``
 ``ClusterView``             one read of a deployment; ``read_view``
+``decide``                  the controller's pure decision (``Action``, ``Memory``)
 ``RankAgent``               the agent in a serving process; ``AgentConfig``
 ``PlanExecutor``            applies a plan to one process's weights
 ``VllmExpertAdapter``       embeds the agent in a vLLM-style engine
+``build_agent``             settings -> transport -> executor -> agent
 ``ElasticEPError``          the root of :mod:`elastic_ep.errors`
 ==========================  =============================================
 """
@@ -48,10 +50,15 @@ _WHERE = {
     "ModelShape": "controller.controller",
     "ClusterView": "controller.view",
     "read_view": "controller.view",
+    "decide": "controller.decide",
+    "Action": "controller.decide",
+    "Memory": "controller.decide",
     "RankAgent": "elastic_ep.runtime.agent",
     "AgentConfig": "elastic_ep.runtime.agent",
     "PlanExecutor": "elastic_ep.runtime.executor",
     "VllmExpertAdapter": "elastic_ep.runtime.vllm_adapter",
+    "build_agent": "elastic_ep.runtime.wiring",
+    "AgentSettings": "elastic_ep.runtime.wiring",
     "ElasticEPError": "elastic_ep.errors",
 }
 

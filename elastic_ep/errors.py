@@ -15,6 +15,7 @@ thing (layer, rank, file, tensor, key) and, where there is one, the fix.
     │   ├── TensorMismatchError    a tensor whose shape or dtype differs from the layout
     │   └── CorruptCheckpointError a header or data region that cannot be right
     ├── TransportError         a peer transfer failed or timed out
+    ├── AgentStateError        a rank agent transition its table does not allow
     └── EtcdError              the control plane's store
         ├── EtcdUnavailableError   etcd cannot be reached (or lost quorum)
         ├── MalformedValueError    a value under the prefix that cannot be parsed
@@ -102,3 +103,8 @@ class MalformedValueError(EtcdError, ValueError):
 
 class NotLeaderError(EtcdError):
     """A fenced write refused: leadership was lost or the epoch moved on."""
+
+
+class AgentStateError(ElasticEPError, RuntimeError):
+    """A transition the agent's table does not allow (``drain()`` before registering,
+    a second ``drain()``, anything after leaving)."""

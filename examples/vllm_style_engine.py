@@ -29,16 +29,19 @@ import time
 import numpy as np
 import torch
 
-from elastic_ep.tools.entrypoint import agent_settings_from_env  # elastic-ep
-from elastic_ep.errors import EtcdUnavailableError
+from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.errors import AgentStateError, EtcdUnavailableError  # elastic-ep
+from elastic_ep.runtime.agent import AgentState, RankAgent  # elastic-ep
 from elastic_ep.runtime.vllm_adapter import VllmExpertAdapter  # elastic-ep
+from elastic_ep.tools.entrypoint import agent_settings_from_env  # elastic-ep
 
 log = logging.getLogger("vllm_style_engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ToyMoEEngine:
-    """Expert tensors and EPLB maps shaped like vLLM's, and a forward step over them.
+    """Expert tensors and EPLB maps shaped like vLLM's, on the CPU, and a forward step
+    over them.
 
     ``expert_weights[layer]``: ``[w13_weight [S, 2I, H], w2_weight [S, H, I]]``;
     ``physical_to_logical_map``: ``[L, ep_size * S]``; ``logical_to_physical_map``:
@@ -46,18 +49,18 @@ class ToyMoEEngine:
     """
 
     def __init__(self, layers: int, experts: int, hidden: int, intermediate: int, slots: int,
-                 ep_size: int, dtype: torch.dtype, device: str = "cpu") -> None:
+                 ep_size: int, dtype: torch.dtype) -> None:
         self.layers, self.experts, self.hidden, self.slots = layers, experts, hidden, slots
         self.expert_weights = [
-            [torch.zeros(slots, 2 * intermediate, hidden, dtype=dtype, device=device),
-             torch.zeros(slots, hidden, intermediate, dtype=dtype, device=device)]
+            [torch.zeros(slots, 2 * intermediate, hidden, dtype=dtype),
+             torch.zeros(slots, hidden, intermediate, dtype=dtype)]
             for _ in range(layers)
         ]
         physical = ep_size * slots
-        self.physical_to_logical_map = torch.full((layers, physical), -1, dtype=torch.int64, device=device)
+        self.physical_to_logical_map = torch.full((layers, physical), -1, dtype=torch.int64)
         self.logical_to_physical_map = torch.full((layers, experts, max(physical - experts + 1, 1)), -1,
-                                                  dtype=torch.int64, device=device)
-        self.logical_replica_count = torch.zeros(layers, experts, dtype=torch.int64, device=device)
+                                                  dtype=torch.int64)
+        self.logical_replica_count = torch.zeros(layers, experts, dtype=torch.int64)
         self.rank = 0
         self.rng = np.random.default_rng()
         self.tokens = 0
@@ -87,7 +90,7 @@ class ToyMoEEngine:
         return counts
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -101,13 +104,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="check every slot against the checkpoint in each ack")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds a SIGTERM drain may take")
     p.add_argument("--step-interval", type=float, default=0.05, help="seconds between forward steps")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return p.parse_args(argv)
 
+
+def leave(agent: RankAgent, timeout_s: float) -> None:
+    """Leave gracefully so peers copy this rank's experts; an engine that never got a
+    placement just goes (its lease expiry tells the controller)."""
+    if agent.state is not AgentState.ACTIVE:  # elastic-ep
+        return
+    try:
+        agent.drain()  # elastic-ep
+        if not agent.left.wait(timeout_s):  # elastic-ep
+            log.warning("drain not committed within %.0f s; leaving anyway", timeout_s)
+    except (EtcdUnavailableError, AgentStateError) as e:  # etcd gone, or fenced meanwhile
+        log.warning("cannot drain: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = ToyMoEEngine(args.layers, args.experts, args.hidden, args.intermediate, args.slots,
                           args.ep_size, DTYPES[args.dtype])
 
-    def on_placement(placement, rank):  # a commit: the controller's member order is the EP order
+    def on_placement(placement: ExpertPlacement, rank: int) -> None:  # the controller's member order is the EP order
         log.info("committed: EP rank %d of %d", rank, placement.ep_size)
 
     adapter = VllmExpertAdapter(  # elastic-ep
@@ -120,12 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     layer_ids = range(args.dense_layers, args.dense_layers + args.layers) if args.scheme else None
     agent = adapter.agent(settings, scheme=args.scheme, moe_layer_ids=layer_ids, verify=args.verify)  # elastic-ep
     stop = threading.Event()
-
-    def on_sigterm(*_: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     runner = threading.Thread(target=agent.run, name="elastic-ep-agent", daemon=True)  # elastic-ep
     runner.start()
     last = time.monotonic()
@@ -138,13 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() - last > 10:
             last = time.monotonic()
             log.info("rank %s: %d tokens on local experts, state %s", adapter.rank, engine.tokens, adapter.state.value)
-    if agent.state == "active":  # elastic-ep: leave gracefully so peers copy our experts
-        try:
-            agent.drain()
-            if not agent.left.wait(args.drain_timeout):
-                log.warning("drain not committed within %.0f s; leaving anyway", args.drain_timeout)
-        except EtcdUnavailableError as e:  # the lease expiry tells the controller instead
-            log.warning("cannot drain: %s", e)
+    leave(agent, args.drain_timeout)
     agent.stop()
     runner.join(5)
     return 0

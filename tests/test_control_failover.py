@@ -11,10 +11,12 @@ import time
 
 import pytest
 
-from elastic_ep.tools.control_commands import status
 from controller.etcd_client import EtcdConfig, connect
+from controller.records import CommitRecord
+from controller.view import read_view
+from elastic_ep.tools.cli import status
 from elastic_ep.tools.etcd_server import EtcdServer
-from controller.records import AckRecord, CommitRecord
+from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.polling import wait_for
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
@@ -66,11 +68,9 @@ class Cluster:
         return None if v is None else CommitRecord.parse("committed", v)
 
     def check(self, c: CommitRecord) -> None:
-        c.placement.validate()
-        client = connect(self.cfg)
-        acks = {a.id: a for a in (AckRecord.parse("ack", v) for v, _ in client.get_prefix(f"{self.cfg.root}/acks/"))}
-        for m in c.members:
-            assert m in acks and acks[m].epoch == c.epoch and acks[m].ok and acks[m].mismatched == 0, acks.get(m)
+        v = read_view(connect(self.cfg), self.cfg.root)
+        assert v.committed is not None and v.committed.epoch == c.epoch, (v.committed, c.epoch)
+        require(check_commit(v))
 
     def logs(self) -> str:
         out = []

@@ -7,14 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastic_ep.errors import (
-    CheckpointError,
-    ConfigError,
-    CorruptCheckpointError,
-    MissingFileError,
-    MissingTensorError,
-    TensorMismatchError,
-)
+from elastic_ep.errors import CheckpointError, ConfigError, CorruptCheckpointError, MissingFileError
+from elastic_ep.errors import MissingTensorError, TensorMismatchError
 from loaders.layout import moe_layout
 from loaders.checkpoint.naming import get_scheme
 from loaders.checkpoint.safetensors_format import INDEX_SUFFIX, read_header

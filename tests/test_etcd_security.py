@@ -15,7 +15,8 @@ pytest.importorskip("cryptography")
 if shutil.which("etcd") is None:
     pytest.skip("no etcd binary on PATH", allow_module_level=True)
 
-from controller.etcd_client import EtcdConfig, EtcdStore, call, connect  # noqa: E402
+from controller.etcd_client import EtcdConfig, call, connect  # noqa: E402
+from controller.store import EtcdStore  # noqa: E402
 from controller.security import auth_layout, rank_user, setup_auth  # noqa: E402
 from elastic_ep.tools.pki import PKI, make_test_pki  # noqa: E402
 from elastic_ep.tools.etcd_server import EtcdServer  # noqa: E402

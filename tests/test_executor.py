@@ -1,21 +1,35 @@
 """Plans executed by real processes through each transport, checked bit-exactly against
-the synthetic checkpoint; a source rank SIGKILLed in the middle of a layer."""
+the synthetic checkpoint; a source rank SIGKILLed in the middle of a layer. Also, in
+this process: which peer sources a one-sided and a two-sided transport try per layer,
+a poisoned staging buffer retired, and where a plan's store keys go."""
 
 from __future__ import annotations
 
 import importlib
 from datetime import timedelta
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
-from elastic_ep.errors import StaleEpochError
+from elastic_ep.errors import StaleEpochError, TransportError
 from elastic_ep.runtime.executor import Participants, PlanExecutor
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, allocate_weights, load_rank, scenario
 from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+from loaders.transport import (
+    OneSidedTransport,
+    PeerRead,
+    PeerSend,
+    PeerSource,
+    Receive,
+    ReceiveOutcome,
+    TwoSidedTransport,
+)
+from loaders.transport.base import OpenPeer, PeerReadOp, ReadRound
 from tests.procs import check_exact, run_jobs
 
 SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=7, dense_layers=1)
@@ -142,3 +156,106 @@ def test_single_process_stale_epoch_refused(store, ckpt, rng):
     assert mismatched_slots(SPEC, layout, new, 0, weights) == []
     with pytest.raises(StaleEpochError, match="epoch 5"):
         ex.execute(plan, old_rank=0)
+    # The constructor's store holds each plan's keys under <prefix>/<epoch>/; a store
+    # given to execute is the plan's own, and its keys repeat neither.
+    assert store.check(["elastic-ep/5/exec/hb/0", "elastic-ep/5/exec/layer/0/done/0"])
+    again = build_plan(new, new, RankMapping.build(1, dead=[]), SPEC.expert_bytes, epoch=6)
+    ex.execute(again, old_rank=0, store=dist.PrefixStore("plan-6", store))
+    assert store.check(["plan-6/exec/hb/0", f"plan-6/exec/layer/{SPEC.layers - 1}/done/0"])
+    assert not store.check(["plan-6/elastic-ep/6/exec/hb/0"])
+
+
+# -- which candidates a transport tries, without processes --------------------------------
+class _Scripted:
+    """A transport whose rounds fail every read from a participant in ``dead`` and
+    deliver the others; ``rounds`` records each round's reads and sends."""
+
+    name = "scripted"
+
+    def __init__(self, dead: set[int], poison: bool = False) -> None:
+        super().__init__(SPEC.layout())  # type: ignore[call-arg]
+        self.dead, self.poison = dead, poison
+        self.rounds: list[tuple[list[PeerRead], list[PeerSend]]] = []
+
+    def _register_weights(self) -> None:
+        pass
+
+    def _register_staging(self) -> None:
+        pass
+
+    def transfer(
+        self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
+    ) -> list[BaseException | None]:
+        self.rounds.append((list(reads), list(sends)))
+        self.staging_poisoned = self.poison
+        return [TransportError(f"participant {r.src} is dead") if r.src in self.dead else None for r in reads]
+
+
+class ScriptedOneSided(_Scripted, OneSidedTransport):
+    def _open_peer(self, index: int, endpoint: dict[str, Any]) -> Any:
+        raise NotImplementedError("scripted rounds open no peer")
+
+    def _start(self, rnd: ReadRound, peer: int, open_peer: OpenPeer, idx: list[int]) -> PeerReadOp:
+        raise NotImplementedError("scripted rounds start nothing")
+
+    def _poll(self, op: PeerReadOp) -> tuple[bool, str | None]:
+        raise NotImplementedError("scripted rounds poll nothing")
+
+    def _abandon(self, rnd: ReadRound, op: PeerReadOp) -> str:
+        raise NotImplementedError("scripted rounds abandon nothing")
+
+
+class ScriptedTwoSided(_Scripted, TwoSidedTransport):
+    pass
+
+
+EB = SPEC.expert_bytes
+RECEIVES = [
+    Receive(0, (PeerSource(1, 0), PeerSource(2, 1))),  # its first source dies, the second delivers
+    Receive(EB, (PeerSource(1, 2),)),  # its only peer source dies
+    Receive(2 * EB, (PeerSource(3, 0), PeerSource(1, 1))),  # delivered by the planned one
+]
+SENDS = [PeerSend(dst=2, src_slot=1)]
+
+
+def _outcomes(out: list[ReceiveOutcome]) -> list[tuple[int | None, list[int]]]:
+    return [(o.delivered, [k for k, _ in o.failures]) for o in out]
+
+
+def test_one_sided_falls_through_candidates_and_skips_failed_peers() -> None:
+    tp = ScriptedOneSided(dead={1})
+    out = tp.exchange(0, RECEIVES, SENDS, timeout=1.0)
+    assert _outcomes(out) == [(1, [0]), (None, [0]), (0, [])]
+    assert [o.attempts for o in out] == [2, 1, 1]
+    # Round 1: every planned source; round 2: the next candidate of the failed one.
+    assert [[(r.src, r.src_slot, r.dst_offset) for r in reads] for reads, _ in tp.rounds] == [
+        [(1, 0, 0), (1, 2, EB), (3, 0, 2 * EB)],
+        [(2, 1, 0)],
+    ]
+    assert all(sends == [] for _, sends in tp.rounds)  # readers fetch; sources post nothing
+    # Later in the epoch the failed peer is not tried again.
+    tp.rounds.clear()
+    out = tp.exchange(1, [Receive(0, (PeerSource(1, 3), PeerSource(0, 3)))], [], timeout=1.0)
+    assert _outcomes(out) == [(1, [])] and out[0].attempts == 1
+    assert [[r.src for r in reads] for reads, _ in tp.rounds] == [[0]]
+
+
+def test_two_sided_tries_the_planned_source_only_and_posts_the_sends_once() -> None:
+    tp = ScriptedTwoSided(dead={1})
+    out = tp.exchange(0, RECEIVES, SENDS, timeout=1.0)
+    assert _outcomes(out) == [(None, [0]), (None, [0]), (0, [])]
+    assert len(tp.rounds) == 1 and tp.rounds[0][1] == SENDS
+    # A participant with nothing to receive still posts what it is asked to send.
+    tp.rounds.clear()
+    assert tp.exchange(1, [], SENDS, timeout=1.0) == []
+    assert tp.rounds == [([], SENDS)]
+
+
+def test_a_poisoned_staging_buffer_is_retired_and_its_bytes_kept() -> None:
+    tp = ScriptedOneSided(dead=set(), poison=True)
+    staging = torch.arange(3 * EB, dtype=torch.int64).to(torch.uint8)
+    tp.register_staging(staging)
+    tp.exchange(0, RECEIVES[2:], [], timeout=1.0)
+    assert tp.staging is not staging and torch.equal(tp.staging, staging)
+    assert len(tp.retired_staging) == 1 and tp.retired_staging[0] is staging
+    assert tp.held_staging_bytes() == 2 * staging.numel()

@@ -22,14 +22,8 @@ pytest.importorskip("transformers", reason="the model-directory tests write chec
                                            "(pip install -e '.[dev]')")
 
 from elastic_ep.tools.cli import main  # noqa: E402
-from elastic_ep.errors import (  # noqa: E402
-    CheckpointError,
-    ConfigError,
-    MissingFileError,
-    MissingTensorError,
-    TensorMismatchError,
-    UnsupportedModelError,
-)
+from elastic_ep.errors import CheckpointError, ConfigError, MissingFileError, MissingTensorError  # noqa: E402
+from elastic_ep.errors import TensorMismatchError, UnsupportedModelError  # noqa: E402
 from elastic_ep.runtime.executor import Participants  # noqa: E402
 from elastic_ep.tools.synthetic_rank import RankJob, scenario  # noqa: E402
 from loaders.checkpoint.hf_model import open_model  # noqa: E402
@@ -387,7 +381,7 @@ def test_demo_on_a_model_directory(vid, models):
 def test_controller_takes_the_placement_shape_from_the_model(models):
     import argparse
 
-    from elastic_ep.tools.control_commands import model_shape, parse_templates
+    from elastic_ep.tools.cli import model_shape, parse_templates
 
     m = open_model(models("gpt_oss-mxfp4"))
     shape = model_shape(argparse.Namespace(model=m.directory, template=None, slots=5, layers=None, experts=None,

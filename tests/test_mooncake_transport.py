@@ -42,7 +42,7 @@ LAYERS = 3
 SLOTS = 4
 STOP_KEY = f"{PREFIX}/stop"
 SERVE_S = 60.0  # a source serves at most this long if the test never stops it
-MARGIN_S = 1.0  # allowed beyond an exchange's timeout
+MARGIN_S = 1.0  # allowed beyond a round's timeout
 
 
 def _layout() -> ExpertLayout:
@@ -153,9 +153,9 @@ class Cluster:
             time.sleep(0.01)
         raise AssertionError(f"source {rank} not stopped 10 s after SIGSTOP (thread states {states})")
 
-    def exchange(self, layer: int, reads: list[PeerRead], timeout: float) -> tuple[list[BaseException | None], float]:
+    def transfer(self, layer: int, reads: list[PeerRead], timeout: float) -> tuple[list[BaseException | None], float]:
         t = time.monotonic()
-        out = self.reader.exchange(layer, reads, [], timeout)
+        out = self.reader.transfer(layer, reads, [], timeout)
         return out, time.monotonic() - t
 
     def _end_sources(self) -> None:
@@ -196,7 +196,7 @@ def test_reads_slots_of_several_layers_bit_exact(cluster: Cluster) -> None:
     }
     for layer, reads in plans.items():
         staging = c.fresh_staging()
-        out, _ = c.exchange(layer, reads, timeout=10.0)
+        out, _ = c.transfer(layer, reads, timeout=10.0)
         assert out == [None] * len(reads)
         c.check(layer, reads)
         written = {r.dst_offset // eb for r in reads}
@@ -205,29 +205,29 @@ def test_reads_slots_of_several_layers_bit_exact(cluster: Cluster) -> None:
         assert not c.reader.staging_poisoned
 
 
-def test_one_exchange_reads_from_two_peers(cluster: Cluster) -> None:
+def test_one_round_reads_from_two_peers(cluster: Cluster) -> None:
     c, eb = cluster, cluster.layout.expert_bytes
     c.fresh_staging()
     reads = [PeerRead(1, 3, 0), PeerRead(0, 3, eb), PeerRead(0, 1, 2 * eb), PeerRead(1, 0, 3 * eb)]
-    out, _ = c.exchange(1, reads, timeout=10.0)
+    out, _ = c.transfer(1, reads, timeout=10.0)
     assert out == [None] * len(reads)
     c.check(1, reads)
 
 
 def test_unpublished_peer_fails_within_the_timeout(cluster: Cluster) -> None:
-    """Its reads fail at the deadline; the live peers' reads in the same exchange do not wait."""
+    """Its reads fail at the deadline; the live peers' reads in the same round do not wait."""
     c, eb = cluster, cluster.layout.expert_bytes
     (never,) = ROLES["never_started"]
     c.fresh_staging()
     timeout = 1.5
     reads = [PeerRead(never, 0, 0), PeerRead(0, 2, eb), PeerRead(never, 3, 2 * eb), PeerRead(1, 1, 3 * eb)]
-    out, took = c.exchange(0, reads, timeout)
+    out, took = c.transfer(0, reads, timeout)
     assert timeout - 0.1 < took < timeout + MARGIN_S
     for i in (0, 2):
         assert isinstance(out[i], TransportError) and "no endpoint" in str(out[i]), out[i]
     assert out[1] is None and out[3] is None
     c.check(0, [reads[1], reads[3]])
-    out, took = c.exchange(0, [PeerRead(never, 1, 0)], timeout)
+    out, took = c.transfer(0, [PeerRead(never, 1, 0)], timeout)
     assert took < 0.5 and isinstance(out[0], TransportError) and "failed earlier" in str(out[0])
 
 
@@ -236,14 +236,14 @@ def test_killed_sources_fail_their_reads_at_once(cluster: Cluster) -> None:
     c, eb = cluster, cluster.layout.expert_bytes
     (warm,), (cold,) = ROLES["killed_after_contact"], ROLES["killed_before_contact"]
     c.fresh_staging()
-    out, _ = c.exchange(0, [PeerRead(warm, 0, 0)], timeout=10.0)
+    out, _ = c.transfer(0, [PeerRead(warm, 0, 0)], timeout=10.0)
     assert out == [None]
     c.kill(warm)
     c.kill(cold)
     timeout = 3.0
     reads = [PeerRead(warm, 1, 0), PeerRead(cold, 1, eb), PeerRead(0, 1, 2 * eb), PeerRead(warm, 2, 3 * eb)]
-    out, took = c.exchange(2, reads, timeout)
-    print(f"exchange with two killed sources took {took:.3f} s")
+    out, took = c.transfer(2, reads, timeout)
+    print(f"round with two killed sources took {took:.3f} s")
     assert took < timeout + MARGIN_S
     for i in (0, 1, 3):
         assert isinstance(out[i], TransportError), out[i]
@@ -254,7 +254,7 @@ def test_killed_sources_fail_their_reads_at_once(cluster: Cluster) -> None:
     # The dead are remembered: no second wait; the live source still serves.
     c.fresh_staging()
     reads = [PeerRead(warm, 3, 0), PeerRead(0, 3, eb)]
-    out, took = c.exchange(1, reads, timeout)
+    out, took = c.transfer(1, reads, timeout)
     assert took < 0.5
     assert isinstance(out[0], TransportError) and "failed earlier" in str(out[0])
     assert out[1] is None
@@ -267,21 +267,21 @@ def test_frozen_sources_fail_their_reads_at_the_deadline(cluster: Cluster) -> No
     c, eb = cluster, cluster.layout.expert_bytes
     (warm,), (cold,) = ROLES["stopped_after_contact"], ROLES["stopped_before_contact"]
     c.fresh_staging()
-    out, _ = c.exchange(0, [PeerRead(warm, 0, 0)], timeout=10.0)
+    out, _ = c.transfer(0, [PeerRead(warm, 0, 0)], timeout=10.0)
     assert out == [None]
     try:
         c.stop(warm)
         c.stop(cold)
         timeout = 1.0
-        out, took = c.exchange(1, [PeerRead(warm, 1, 0), PeerRead(cold, 1, eb)], timeout)
-        print(f"exchange with two frozen sources took {took:.3f} s")
+        out, took = c.transfer(1, [PeerRead(warm, 1, 0), PeerRead(cold, 1, eb)], timeout)
+        print(f"round with two frozen sources took {took:.3f} s")
         assert timeout - 0.1 < took < timeout + MARGIN_S
         assert isinstance(out[0], TransportError) and "read not answered" in str(out[0]), out[0]
         assert isinstance(out[1], TransportError) and "probe not answered" in str(out[1]), out[1]
         assert c.reader.staging_poisoned  # the abandoned read may still land
         c.fresh_staging()
         reads = [PeerRead(1, 2, 2 * eb)]
-        out, took = c.exchange(2, reads, timeout=5.0)
+        out, took = c.transfer(2, reads, timeout=5.0)
         assert out == [None] and took < 0.5, (out, took)
         c.check(2, reads)
     finally:

@@ -1,5 +1,5 @@
 """NIXL transport between real processes on loopback: bit-exact reads, several peers in
-one exchange, SIGKILLed, frozen and missing peers.
+one round, SIGKILLed, frozen and missing peers.
 
 The pytest process is the reader (participant 1) and runs the TCPStore; the peers it
 reads from are spawned processes.
@@ -37,8 +37,8 @@ from loaders.transport import PeerRead, get_transport  # noqa: E402
 
 LAYERS, SLOTS = 3, 4
 READER = 1
-TIMEOUT = 0.5  # of each exchange
-MARGIN = 0.5  # over TIMEOUT that an exchange with a failed peer may take
+TIMEOUT = 0.5  # of each round of reads
+MARGIN = 0.5  # over TIMEOUT that a round with a failed peer may take
 WAIT_S = 30.0  # upper bound on any wait for another process
 
 
@@ -68,6 +68,11 @@ def wait_key(store: Any, key: str, timeout: float = WAIT_S) -> None:
         time.sleep(0.01)
 
 
+def epoch_store(store: Any, epoch: int) -> Any:
+    """The epoch's own keys, as the executor scopes each plan's."""
+    return dist.PrefixStore(f"epoch/{epoch}", store)
+
+
 def serve(me: int, world: int, port: int, epochs: list[int], env: dict[str, str]) -> None:
     """A peer: register deterministic weights, publish an endpoint for each epoch (reads
     are one-sided, so one process serves them all), then idle until ``stop``."""
@@ -76,7 +81,7 @@ def serve(me: int, world: int, port: int, epochs: list[int], env: dict[str, str]
     tp = NixlTransport(LAYOUT)
     tp.register_weights(make_weights(me))
     for epoch in epochs:
-        tp.connect(epoch, me, world, store)
+        tp.connect(epoch, me, world, epoch_store(store, epoch))
     store.set(f"ready/{me}", str(os.getpid()))
     wait_key(store, "stop")
     tp.close()
@@ -97,7 +102,7 @@ class Cluster:
                 p.start()
             self.tp = get_transport("nixl", LAYOUT)
             self.tp.register_weights(make_weights(READER))
-            self.tp.connect(epochs[0], READER, world, self.store)
+            self.tp.connect(epochs[0], READER, world, epoch_store(self.store, epochs[0]))
             self.tp.register_staging(torch.empty(16 * EB, dtype=torch.uint8))
             for me in peers:
                 wait_key(self.store, f"ready/{me}")
@@ -106,11 +111,11 @@ class Cluster:
             raise
 
     def read(self, layer: int, reads: list[tuple[int, int, int]], timeout: float = TIMEOUT) -> tuple[list[Any], float]:
-        """Exchange ``reads`` ([src, slot, dst_offset]) into a staging buffer filled with
-        0xA5 first; returns the outcomes and the seconds taken."""
+        """One round of ``reads`` ([src, slot, dst_offset]) into a staging buffer filled
+        with 0xA5 first; returns the outcomes and the seconds taken."""
         self.tp.staging.fill_(0xA5)
         t0 = time.monotonic()
-        out = self.tp.exchange(layer, [PeerRead(*r) for r in reads], [], timeout)
+        out = self.tp.transfer(layer, [PeerRead(*r) for r in reads], [], timeout)
         return out, time.monotonic() - t0
 
     def exact(self, layer: int, src: int, slot: int, dst_offset: int) -> bool:
@@ -183,7 +188,7 @@ def test_reads_slots_of_several_layers_bit_exactly(cluster: Cluster) -> None:
         cluster.assert_arrived(layer, reads, out)
 
 
-def test_one_exchange_reads_from_two_peers(cluster: Cluster) -> None:
+def test_one_round_reads_from_two_peers(cluster: Cluster) -> None:
     reads = [(0, 1, 0), (2, 1, EB), (2, 3, 2 * EB), (0, 0, 3 * EB), (READER, 2, 4 * EB)]  # the last: its own
     out, _ = cluster.read(1, reads)
     cluster.assert_arrived(1, reads, out)
@@ -263,7 +268,7 @@ def test_frozen_peer_over_tcp_times_out_and_a_kill_in_flight_fails_fast(monkeypa
         assert_failed(out[0], 0, "failed earlier")
         assert took < 0.05, took
 
-        c.tp.connect(1, READER, 2, c.store)
+        c.tp.connect(1, READER, 2, epoch_store(c.store, 1))
         killer = threading.Timer(0.3, c.kill, args=(0,))
         killer.start()
         out, took = c.read(1, reads, timeout=5.0)

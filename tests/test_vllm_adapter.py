@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from elastic_ep.core.placement import ExpertPlacement, initial_placement
 from elastic_ep.core.plan import build_plan
 from elastic_ep.tools.polling import wait_for
 from elastic_ep.core.rank_mapping import RankMapping
+from elastic_ep.runtime.slots import disk_reference, fill_rank_slots, mismatched_slots, model_reference
 from elastic_ep.runtime.vllm_adapter import AdapterState, VllmExpertAdapter, infer_layout
 from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 from loaders.checkpoint.synthetic import SyntheticSpec, expected_row, make_checkpoint
@@ -112,6 +115,22 @@ def test_bootstrap_fills_flattened_fp8_slots_and_rewrites_maps_in_place(ckpts):
     assert a.mismatched_slots(disk, placement, 1) == 1
 
 
+def test_slot_checks_against_disk_and_model_find_the_same_flipped_bit(ckpts):
+    """One fill and one check for every rank kind: engine tensors in layout order here,
+    the synthetic rank's named tensors elsewhere; both references see one flipped bit."""
+    layout = FP8.layout()
+    weights = vllm_weights(FP8, SLOTS)
+    disk = SafetensorsExpertSource(ckpts["fp8"], FP8.naming, layout)
+    placement = initial_placement(2, 8, 2, SLOTS)
+    assert fill_rank_slots(disk, placement, 1, weights) == SLOTS * 2 * FP8.expert_bytes
+    refs = {"disk": disk_reference(disk), "model": model_reference(FP8, layout)}
+    assert all(mismatched_slots(layout, placement, 1, weights, r) == [] for r in refs.values())
+    weights[0][2][4].view(torch.uint8).view(-1)[7] ^= 0x10  # a scale of layer 0, slot 4
+    e = int(placement.rank_slots(1)[0, 4])
+    assert {k: mismatched_slots(layout, placement, 1, weights, r) for k, r in refs.items()} == {
+        "disk": [(0, 4, e)], "model": [(0, 4, e)]}
+
+
 def test_bootstrap_reads_only_slots_the_engine_does_not_hold(ckpts):
     placement = initial_placement(2, 8, 2, SLOTS)
     warm = VllmExpertAdapter(vllm_weights(BF16, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
@@ -176,85 +195,41 @@ def _wait(pred, timeout: float, what: str):
     return v
 
 
-@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs an etcd binary")
-def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
-    """Two ranks: an engine in this process through the adapter, and the example engine
-    as a process configured by the environment. Bootstrap, then a load-driven rebalance
-    that keeps the rank count: the engine's maps keep their storage, say the committed
-    placement, and every slot is bit-exact."""
+@contextmanager
+def _two_engines(ckpt: str, log_path: str) -> Iterator[dict]:
+    """A controller in a thread, the example engine as a process (``engine-b``), and an
+    engine in this process through the adapter (``engine-a``), all on a fresh etcd."""
     from controller.controller import Controller, ControllerConfig, ModelShape
     from controller.etcd_client import EtcdConfig, connect
-    from elastic_ep.tools.etcd_server import EtcdServer
-    from controller.records import AckRecord, CommitRecord, PlanRecord
     from elastic_ep.tools.entrypoint import agent_settings_from_env
+    from elastic_ep.tools.etcd_server import EtcdServer
 
-    spec, ckpt, root = BF16, ckpts["bf16"], "/elastic-ep/vllm"
-    with EtcdServer() as srv:
+    spec = BF16
+    with EtcdServer() as srv, open(log_path, "w") as log:
         base_env = {"ELASTIC_EP_ETCD_ENDPOINT": srv.endpoint, "ELASTIC_EP_DEPLOYMENT": "vllm",
                     "ELASTIC_EP_CHECKPOINT": ckpt}
         ctl = Controller(ControllerConfig(
             EtcdConfig(srv.endpoint, deployment="vllm", timeout_s=2.0),
             ModelShape(spec.layers, spec.experts, SLOTS, spec.expert_bytes), id="ctl", min_ranks=2,
             settle_s=0.2, leader_ttl_s=2, imbalance_threshold=0.99, rebalance_cooldown_s=0.0))
-        stop_ctl, stop_agent = threading.Event(), threading.Event()
-        t_ctl = threading.Thread(target=ctl.run, args=(stop_ctl,), daemon=True)
+        stop = threading.Event()
+        t_ctl = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
         t_ctl.start()
-        log = open(tmp_path / "engine.log", "w")
         other = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "examples", "vllm_style_engine.py"), "--slots", str(SLOTS),
              "--ep-size", "2", "--verify", "--step-interval", "0.2", "--drain-timeout", "0.5"],
             env={**os.environ, **base_env, "ELASTIC_EP_ID": "engine-b"}, stdout=log, stderr=subprocess.STDOUT)
-        w = vllm_weights(spec, SLOTS)
         p2l = torch.full((spec.layers, 2 * SLOTS), -1, dtype=torch.int64)
-        ptr = p2l.data_ptr()
-        adapter = VllmExpertAdapter(w, p2l)
+        adapter = VllmExpertAdapter(vllm_weights(spec, SLOTS), p2l)
         agent = adapter.agent(agent_settings_from_env({**base_env, "ELASTIC_EP_ID": "engine-a"}, lease_ttl_s=2),
                               verify=True, source_timeout_s=5.0, dead_after_s=1.5, heartbeat_s=0.2)
-        t_agent = threading.Thread(target=agent.run, args=(stop_agent,), daemon=True)
+        t_agent = threading.Thread(target=agent.run, args=(stop,), daemon=True)
         t_agent.start()
-        client = connect(EtcdConfig(srv.endpoint, deployment="vllm"))
-
-        def committed():
-            v, _ = client.get(f"{root}/committed")
-            return None if v is None else CommitRecord.parse("committed", v)
-
         try:
-            t0 = time.monotonic()
-            c1 = _wait(committed, 60, "bootstrap commit")
-            print(f"bootstrap committed after {time.monotonic() - t0:.1f} s")
-            assert len(c1.members) == 2
-            with adapter.step() as ok:
-                assert ok and p2l.data_ptr() == ptr
-                assert np.array_equal(p2l.numpy(), c1.placement.phy2log)
-                assert_bit_exact(spec, adapter, c1.placement, adapter.rank)
-            # This rank routes every token to its first slot's expert: the controller rebalances.
-            load = np.zeros((spec.layers, 2 * SLOTS))
-            load[:, adapter.rank * SLOTS] = 1e6
-            adapter.record_physical_load(load)
-
-            def rebalance_published():
-                v, _ = client.get(f"{root}/plan")
-                p = PlanRecord.parse("plan", v)
-                return p if p.epoch > c1.epoch else None
-
-            p2 = _wait(rebalance_published, 30, "a rebalance plan")
-            print(f"rebalance published after {time.monotonic() - t0:.1f} s")
-            ctl.cfg.rebalance_cooldown_s = 3600.0  # one rebalance is what this test looks at
-            assert "imbalance" in p2.reason and p2.plan.mapping.is_identity and p2.plan.transfers
-            c2 = _wait(lambda: (c := committed()) and c.epoch == p2.epoch and c, 30, "rebalance commit")
-            print(f"rebalance committed after {time.monotonic() - t0:.1f} s")
-            assert c2.members == c1.members and not np.array_equal(c2.placement.phy2log, c1.placement.phy2log)
-            with adapter.step() as ok:
-                assert ok and p2l.data_ptr() == ptr, "the map was rewritten in place"
-                assert np.array_equal(p2l.numpy(), c2.placement.phy2log) and adapter.placement == c2.placement
-                assert_bit_exact(spec, adapter, c2.placement, adapter.rank)
-            acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
-            acks = {a.id.split("#")[0]: a for a in acks if a.epoch == c2.epoch}
-            assert set(acks) == {"engine-a", "engine-b"}
-            assert all(a.ok and a.mismatched == 0 for a in acks.values()), acks
+            yield {"ctl": ctl, "adapter": adapter, "p2l": p2l, "root": "/elastic-ep/vllm",
+                   "client": connect(EtcdConfig(srv.endpoint, deployment="vllm"))}
         finally:
-            stop_ctl.set()
-            stop_agent.set()
+            stop.set()
             agent.stop()
             other.terminate()
             t_ctl.join(10)
@@ -265,8 +240,59 @@ def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
             except subprocess.TimeoutExpired:
                 other.kill()
                 other.wait(5)
-            log.close()
-        print((tmp_path / "engine.log").read_text()[-2000:])
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs an etcd binary")
+def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
+    """Two ranks: an engine in this process through the adapter, and the example engine
+    as a process configured by the environment. Bootstrap, then a load-driven rebalance
+    that keeps the rank count: the engine's maps keep their storage, say the committed
+    placement, and every slot is bit-exact."""
+    from controller.records import AckRecord, CommitRecord, PlanRecord
+
+    spec = BF16
+    with _two_engines(ckpts["bf16"], str(tmp_path / "engine.log")) as e:
+        adapter, p2l, client, root = e["adapter"], e["p2l"], e["client"], e["root"]
+        ptr = p2l.data_ptr()
+
+        def committed():
+            v, _ = client.get(f"{root}/committed")
+            return None if v is None else CommitRecord.parse("committed", v)
+
+        t0 = time.monotonic()
+        c1 = _wait(committed, 60, "bootstrap commit")
+        print(f"bootstrap committed after {time.monotonic() - t0:.1f} s")
+        assert len(c1.members) == 2
+        with adapter.step() as ok:
+            assert ok and p2l.data_ptr() == ptr
+            assert np.array_equal(p2l.numpy(), c1.placement.phy2log)
+            assert_bit_exact(spec, adapter, c1.placement, adapter.rank)
+        # This rank routes every token to its first slot's expert: the controller rebalances.
+        load = np.zeros((spec.layers, 2 * SLOTS))
+        load[:, adapter.rank * SLOTS] = 1e6
+        adapter.record_physical_load(load)
+
+        def rebalance_published():
+            v, _ = client.get(f"{root}/plan")
+            p = PlanRecord.parse("plan", v)
+            return p if p.epoch > c1.epoch else None
+
+        p2 = _wait(rebalance_published, 30, "a rebalance plan")
+        print(f"rebalance published after {time.monotonic() - t0:.1f} s")
+        e["ctl"].cfg.rebalance_cooldown_s = 3600.0  # one rebalance is what this test looks at
+        assert "imbalance" in p2.reason and p2.plan.mapping.is_identity and p2.plan.transfers
+        c2 = _wait(lambda: (c := committed()) and c.epoch == p2.epoch and c, 30, "rebalance commit")
+        print(f"rebalance committed after {time.monotonic() - t0:.1f} s")
+        assert c2.members == c1.members and not np.array_equal(c2.placement.phy2log, c1.placement.phy2log)
+        with adapter.step() as ok:
+            assert ok and p2l.data_ptr() == ptr, "the map was rewritten in place"
+            assert np.array_equal(p2l.numpy(), c2.placement.phy2log) and adapter.placement == c2.placement
+            assert_bit_exact(spec, adapter, c2.placement, adapter.rank)
+        acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
+        acks = {a.id.split("#")[0]: a for a in acks if a.epoch == c2.epoch}
+        assert set(acks) == {"engine-a", "engine-b"}
+        assert all(a.ok and a.mismatched == 0 for a in acks.values()), acks
+    print((tmp_path / "engine.log").read_text()[-2000:])
 
 
 def test_agent_reads_the_model_directory_and_refuses_another_models_layout(ckpts, tmp_path):

@@ -184,18 +184,12 @@ class ExpertPlacement:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExpertPlacement":
         try:
-            return cls(
-                np.asarray(d["phy2log"], dtype=np.int64),
-                int(d["slots_per_rank"]),
-                int(d["num_logical"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, PlacementError):
-                raise
-            raise PlacementError(
-                f"placement record is malformed ({e!r}); expected keys "
-                "phy2log, slots_per_rank, num_logical"
-            ) from e
+            phy2log = np.asarray(d["phy2log"], dtype=np.int64)
+            slots, logical = int(d["slots_per_rank"]), int(d["num_logical"])
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise PlacementError(f"placement record is malformed ({e!r}); expected keys phy2log, slots_per_rank, "
+                                 "num_logical") from e
+        return cls(phy2log, slots, logical)
 
 
 def initial_placement(

@@ -151,16 +151,9 @@ class RankMapping:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RankMapping":
         try:
-            return cls(
-                tuple(d["old_to_new"]),
-                frozenset(d.get("dead", ())),
-                frozenset(d.get("leaving", ())),
-                int(d.get("num_joining", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, RankMappingError):
-                raise
-            raise RankMappingError(
-                f"rank mapping record is malformed ({e!r}); expected old_to_new, dead, "
-                "leaving, num_joining"
-            ) from e
+            fields = (tuple(int(x) for x in d["old_to_new"]), frozenset(int(x) for x in d.get("dead", ())),
+                      frozenset(int(x) for x in d.get("leaving", ())), int(d.get("num_joining", 0)))
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise RankMappingError(f"rank mapping record is malformed ({e!r}); expected old_to_new, dead, leaving, "
+                                   "num_joining") from e
+        return cls(*fields)

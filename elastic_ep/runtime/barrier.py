@@ -30,7 +30,7 @@ class StoreHeartbeat:
     counter has not moved for ``dead_after_s`` (by this process's clock, so clocks need
     not agree) is dead. Example::
 
-        hb = StoreHeartbeat(store, "elastic-ep/exec/7", me=0, period_s=0.2, dead_after_s=2.0)
+        hb = StoreHeartbeat(plan_store, "exec", me=0, period_s=0.2, dead_after_s=2.0)
         hb.start(); ...; hb.alive(3); hb.stop()
     """
 

@@ -1,17 +1,40 @@
 """The rank side of a plan: apply a :class:`~elastic_ep.core.plan.TransferPlan` to this
 process's expert weights, layer by layer.
 
-Per layer, every participant (live old ranks in order, then joining ranks) does:
+Per layer (a :class:`_LayerRun`), every participant (live old ranks in order, then
+joining ranks) does:
 
-1. *read*: each changed local slot is read into a staging buffer, trying the plan's
-   sources in order: a local copy, live peers through the transport (a peer that dies
-   or times out is skipped for the rest of the epoch), then the disk checkpoint;
-2. *barrier*: wait until every live participant has finished reading the layer (dead
-   ones are waited out by heartbeat), so no one overwrites a slot a peer still reads;
-3. *write*: copy the staged slots into the weights.
+1. *local*: changed local slots whose first source is this process are packed into a
+   staging buffer;
+2. *peer*: the transport is handed every other slot whose planned source is a peer, with
+   its peer sources in the plan's order, and the sends the plan asks of this process; it
+   tries the sources its kind allows (a one-sided transport falls through to the next
+   peer and skips peers that failed this epoch; a two-sided one tries the planned peer
+   only) and says which delivered (:meth:`loaders.transport.PeerTransport.exchange`);
+3. *disk*: every slot still missing is read from the checkpoint, once per expert;
+4. *barrier*: wait until every live participant has finished reading the layer (dead
+   ones are waited out by heartbeat), so no one overwrites a slot a peer still reads; if
+   the others passed without this process, its peer-read slots are read again from disk;
+5. *write*: copy the staged slots into the weights.
 
-Extra memory is one layer's changed local slots (``expert_bytes`` each). Leaving ranks
-take part as sources and exit after the last barrier; joining ranks only receive.
+Extra memory is one layer's changed local slots (``expert_bytes`` each), plus any staging
+buffer retired because an abandoned read may still land in it. Leaving ranks take part
+as sources and exit after the last barrier; joining ranks only receive.
+
+Store keys. Each plan runs in a store of its own: the ``store`` given to
+:meth:`PlanExecutor.execute` (already the plan's, e.g. the controller's etcd store for
+the epoch), else the constructor's store under ``<prefix>/<epoch>/`` (a TCPStore shared
+by every plan; ``prefix`` defaults to ``elastic-ep``). Within it::
+
+    exec/hb/<participant>                        heartbeat counter (StoreHeartbeat)
+    exec/layer/<layer>/done/<participant>        arrived at the layer's barrier
+    exec/layer/<layer>/excluded/<participant>    the others passed the barrier without it
+    transport/endpoint/<participant>             the transport's endpoint (``transport``
+                                                 is the transport's ``prefix``)
+    transport/pg/...                             the torch transport's group rendezvous
+
+Example: epoch 7, participant 0's heartbeat is ``elastic-ep/7/exec/hb/0`` in a TCPStore
+given to the constructor, and ``exec/hb/0`` within a store given as ``store=``.
 """
 
 from __future__ import annotations
@@ -23,19 +46,20 @@ from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from loaders.layout import ExpertLayout, LayerWeights
 from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
-from loaders.transport import PeerRead, PeerSend, PeerTransport
+from loaders.transport import PeerSend, PeerSource, PeerTransport, Receive, ReceiveOutcome
 
 from elastic_ep.runtime.barrier import Liveness, StoreBarrier, StoreHeartbeat
 from elastic_ep.errors import ConfigError, PlanError, StaleEpochError, TransportError
-from elastic_ep.core.plan import DISK, ROUTES, Transfer, TransferPlan
+from elastic_ep.core.plan import ROUTES, Source, Transfer, TransferPlan
 from elastic_ep.core.rank_mapping import RankMapping
 
 log = logging.getLogger(__name__)
 
-
+EXEC_PREFIX = "exec"  # the executor's keys within a plan's store
 @dataclass(frozen=True)
 class Participants:
     """Processes executing one plan, indexed ``0 .. world-1``: live old ranks (survivors
@@ -142,6 +166,46 @@ class ExecutionReport:
         }
 
 
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How a :class:`PlanExecutor` waits and which routes it may use; given to its
+    constructor by keyword: ``PlanExecutor(..., source_timeout_s=3.0, dead_after_s=1.0)``.
+
+    ``source_timeout_s``: the longest wait on one round of peer reads before trying the
+    next source. ``barrier_timeout_s``: the longest wait for live participants at a layer
+    barrier. ``heartbeat_s`` / ``dead_after_s``: the store heartbeat's period and the
+    silence after which a participant is dead (used unless ``liveness`` is given).
+    ``prefix``: where each plan's keys go in a store given to the constructor
+    (``<prefix>/<epoch>/``). ``on_phase``: called with ``(phase, layer)``, phase one of
+    ``"local" | "peer" | "disk" | "barrier" | "write"``, as each phase of a layer starts
+    (progress reporting, fault injection). ``routes``: the routes this executor may use;
+    ``("disk",)`` reloads every changed slot from the checkpoint (the baseline serving
+    engines had before peer transfer, for benchmarks). Disk is always allowed.
+    """
+
+    source_timeout_s: float = 10.0
+    barrier_timeout_s: float = 300.0
+    heartbeat_s: float = 0.2
+    dead_after_s: float = 2.0
+    liveness: Liveness | None = None
+    prefix: str = "elastic-ep"
+    on_phase: Callable[[str, int], None] | None = None
+    routes: Sequence[str] = ROUTES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.routes) - set(ROUTES)
+        if unknown:
+            raise ConfigError(f"unknown routes {sorted(unknown)}; choose from {list(ROUTES)}")
+
+    @property
+    def allowed_routes(self) -> frozenset[str]:
+        return frozenset(self.routes) | {"disk"}
+
+    def phase_started(self, phase: str, layer: int) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase, layer)
+
+
 class PlanExecutor:
     """Applies plans to one process's weights.
 
@@ -152,15 +216,10 @@ class PlanExecutor:
         transport: a :class:`PeerTransport`, or None when this process only ever reads
             locally and from disk (a single-rank deployment).
         disk: the checkpoint, for missing experts and as every transfer's last resort.
-        store: ``torch.distributed.Store`` API, shared by the participants.
-        source_timeout_s: the longest wait on one source before trying the next.
-        barrier_timeout_s: the longest wait for live participants at a layer barrier.
-        liveness: who is alive; default a store heartbeat (``dead_after_s``).
-        on_phase: called with ``("local" | "peer" | "disk" | "barrier" | "write", layer)``
-            as each phase of a layer starts (progress reporting, fault injection).
-        routes: the routes this executor may use; ``("disk",)`` reloads every changed
-            slot from the checkpoint (the baseline serving engines had before peer
-            transfer, for benchmarks). Disk is always allowed.
+        store: ``torch.distributed.Store`` shared by the participants, for callers that
+            use one store for every plan (each plan's keys go under
+            ``<prefix>/<epoch>/``); None when each :meth:`execute` is given its own.
+        options: :class:`ExecutorOptions` by keyword.
     """
 
     def __init__(
@@ -169,16 +228,8 @@ class PlanExecutor:
         layout: ExpertLayout,
         transport: PeerTransport | None,
         disk: SafetensorsExpertSource | None,
-        store: Any,
-        *,
-        source_timeout_s: float = 10.0,
-        barrier_timeout_s: float = 300.0,
-        heartbeat_s: float = 0.2,
-        dead_after_s: float = 2.0,
-        liveness: Liveness | None = None,
-        prefix: str = "elastic-ep/exec",
-        on_phase: Callable[[str, int], None] | None = None,
-        routes: Sequence[str] = ROUTES,
+        store: Any = None,
+        **options: Any,
     ) -> None:
         self.layout = layout
         self.weights = [layout.check_weights(w, f"layer {i}")[0] for i, w in enumerate(weights)]
@@ -188,15 +239,8 @@ class PlanExecutor:
         self.slots_per_rank = int(first.shape[0])
         self.device = first.device
         self.transport, self.disk, self.store = transport, disk, store
-        self.source_timeout_s, self.barrier_timeout_s = source_timeout_s, barrier_timeout_s
-        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
-        self.liveness = liveness
-        self.prefix = prefix
-        self.on_phase = on_phase or (lambda phase, layer: None)
-        unknown = set(routes) - set(ROUTES)
-        if unknown:
-            raise ConfigError(f"unknown routes {sorted(unknown)}; choose from {list(ROUTES)}")
-        self.routes = frozenset(routes) | {"disk"}
+        self.options = ExecutorOptions(**options)
+        self.routes = self.options.allowed_routes
         self.last_epoch = -1
         if disk is not None and disk.layout.expert_bytes != layout.expert_bytes:
             raise ConfigError(
@@ -204,7 +248,6 @@ class PlanExecutor:
             )
         if transport is not None:
             transport.register_weights(self.weights)
-        self._retired: list[torch.Tensor] = []
 
     # -- checks ------------------------------------------------------------------------
     def _check_plan(self, plan: TransferPlan, old_rank: int | None, new_rank: int | None) -> tuple[int | None, int | None]:
@@ -231,219 +274,248 @@ class PlanExecutor:
             )
         return old_rank, new_rank
 
+    def _plan_store(self, epoch: int, store: Any) -> Any:
+        """The store this plan's keys go in: ``store`` as given (the plan's own), else
+        the constructor's under ``<prefix>/<epoch>/``."""
+        if store is not None:
+            return store
+        if self.store is None:
+            raise ConfigError("no store for this plan: pass store= to execute, or one to PlanExecutor")
+        return dist.PrefixStore(f"{self.options.prefix}/{epoch}", self.store)  # joined with "/"
+
     # -- the one verb ------------------------------------------------------------------
-    def execute(self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None) -> ExecutionReport:
+    def execute(
+        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None
+    ) -> ExecutionReport:
         """Carry out this process's part of ``plan``: ``old_rank`` for a process that
         held weights before (``new_rank`` follows from the mapping), ``new_rank`` alone
-        for a joining one. Returns once every live participant has passed the last layer."""
+        for a joining one. ``store``: this plan's own store (its keys are not shared with
+        another plan), replacing the constructor's for this call. Returns once every live
+        participant has passed the last layer."""
         t0 = time.perf_counter()
         old_rank, new_rank = self._check_plan(plan, old_rank, new_rank)
-        parts = Participants.of(plan.mapping)
-        me = parts.of_old(old_rank) if old_rank is not None else parts.of_new(new_rank)  # type: ignore[arg-type]
-        report = ExecutionReport(plan.epoch, old_rank, new_rank, me, parts.world)
-        prefix = f"{self.prefix}/{plan.epoch}"
+        run = _PlanRun.start(self, plan, old_rank, new_rank, self._plan_store(plan.epoch, store))
         heartbeat = None
-        liveness = self.liveness
+        liveness = self.options.liveness
         if liveness is None:
-            heartbeat = StoreHeartbeat(self.store, prefix, me, self.heartbeat_s, self.dead_after_s).start()
+            o = self.options
+            heartbeat = StoreHeartbeat(run.store, EXEC_PREFIX, run.me, o.heartbeat_s, o.dead_after_s).start()
             liveness = heartbeat
-        barrier = StoreBarrier(self.store, prefix, me, parts.world, liveness, self.barrier_timeout_s)
-        eb = self.layout.expert_bytes
-        per_layer = [plan.receives(new_rank, layer) if new_rank is not None else [] for layer in range(plan.new.num_layers)]
-        cap = max((len(r) for r in per_layer), default=0) * eb
-        staging = torch.empty(max(cap, 1), dtype=torch.uint8, device=self.device)
-        report.layer_bytes = cap
-        report.peak_staging_bytes = cap
-        failed: set[int] = set()  # participants that failed a read this epoch
         try:
-            t = time.perf_counter()
-            if self.transport is not None:
-                self.transport.connect(plan.epoch, me, parts.world, self.store, timeout=self.source_timeout_s * 3)
-                self._retired.clear()  # the previous epoch's abandoned operations are closed
-                self.transport.register_staging(staging)
-            elif parts.world > 1 and any(t.route == "peer" for t in plan.transfers):
-                raise ConfigError("the plan reads from peers but this executor has no transport")
-            report.phase_seconds["connect"] = time.perf_counter() - t
-            for layer in range(plan.new.num_layers):
-                staging = self._layer(plan, layer, old_rank, per_layer[layer], parts, me, staging, failed, barrier, report)
-                report.peak_staging_bytes = max(
-                    report.peak_staging_bytes, staging.numel() + sum(t.numel() for t in self._retired)
-                )
-            report.failed_peers = sorted(parts.old[i] if i < len(parts.old) else -1 for i in failed)
+            run.execute(liveness)
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
         self.last_epoch = plan.epoch
-        report.seconds = time.perf_counter() - t0
-        log.info("epoch %d executed: %s", plan.epoch, report.to_dict())
-        return report
+        run.report.seconds = time.perf_counter() - t0
+        log.info("epoch %d executed: %s", plan.epoch, run.report.to_dict())
+        return run.report
 
-    # -- one layer ---------------------------------------------------------------------
-    def _layer(
-        self,
-        plan: TransferPlan,
-        layer: int,
-        old_rank: int | None,
-        recvs: list[Transfer],
-        parts: Participants,
-        me: int,
-        staging: torch.Tensor,
-        failed: set[int],
-        barrier: StoreBarrier,
-        report: ExecutionReport,
-    ) -> torch.Tensor:
-        eb = self.layout.expert_bytes
-        named = self.weights[layer]
-        offsets = [i * eb for i in range(len(recvs))]
-        cursor = [0] * len(recvs)  # index into each transfer's sources
-        attempts = [0] * len(recvs)
-        done: dict[int, int] = {}  # recv index -> index of the source that delivered
-        ph = report.phase_seconds
 
-        self.on_phase("local", layer)
+@dataclass
+class _PlanRun:
+    """This process's part of one plan, shared by its layers.
+
+    ``receives[layer]``: this process's transfers of each layer (``plan.receives``);
+    ``staging``: flat uint8 ``[most receives in a layer * expert_bytes]`` (at least one
+    byte), after connect the transport's current buffer; ``failed``: participants a read
+    failed from this epoch. Example: new rank 0 receives 3, 0 and 2 slots in layers 0..2
+    -> ``staging`` holds ``3 * expert_bytes``.
+    """
+
+    ex: PlanExecutor
+    plan: TransferPlan
+    parts: Participants
+    store: Any
+    report: ExecutionReport
+    receives: list[list[Transfer]]
+    staging: torch.Tensor
+    failed: set[int] = field(default_factory=set)
+
+    @classmethod
+    def start(
+        cls, ex: PlanExecutor, plan: TransferPlan, old_rank: int | None, new_rank: int | None, store: Any
+    ) -> "_PlanRun":
+        parts = Participants.of(plan.mapping)
+        me = parts.of_old(old_rank) if old_rank is not None else parts.of_new(new_rank)  # type: ignore[arg-type]
+        report = ExecutionReport(plan.epoch, old_rank, new_rank, me, parts.world)
+        receives = [plan.receives(new_rank, layer) if new_rank is not None else [] for layer in range(plan.new.num_layers)]
+        cap = max((len(r) for r in receives), default=0) * ex.layout.expert_bytes
+        report.layer_bytes = report.peak_staging_bytes = cap
+        staging = torch.empty(max(cap, 1), dtype=torch.uint8, device=ex.device)
+        return cls(ex, plan, parts, store, report, receives, staging)
+
+    @property
+    def me(self) -> int:
+        return self.report.participant
+
+    def execute(self, liveness: Liveness) -> None:
+        o = self.ex.options
+        barrier = StoreBarrier(self.store, EXEC_PREFIX, self.me, self.parts.world, liveness, o.barrier_timeout_s)
+        self.connect()
+        for layer, recvs in enumerate(self.receives):
+            _LayerRun(self, barrier, layer, recvs, [0] * len(recvs)).execute()
+            self.note_staging()
+        self.report.failed_peers = sorted(self.parts.old[i] if i < len(self.parts.old) else -1 for i in self.failed)
+
+    def connect(self) -> None:
+        """Join the transport's epoch and register the staging buffer with it."""
         t = time.perf_counter()
-        for i, tr in enumerate(recvs):
+        tp = self.ex.transport
+        if tp is not None:
+            timeout = self.ex.options.source_timeout_s * 3
+            tp.connect(self.plan.epoch, self.me, self.parts.world, self.store, timeout=timeout)
+            tp.register_staging(self.staging)
+        elif self.parts.world > 1 and any(tr.route == "peer" for tr in self.plan.transfers):
+            raise ConfigError("the plan reads from peers but this executor has no transport")
+        self.report.phase_seconds["connect"] = time.perf_counter() - t
+
+    def note_staging(self) -> None:
+        """Count the staging memory held now (retired buffers included) in the peak."""
+        tp = self.ex.transport
+        held = tp.held_staging_bytes() if tp is not None else self.staging.numel()
+        self.report.peak_staging_bytes = max(self.report.peak_staging_bytes, held)
+
+    def sends(self, layer: int) -> list[PeerSend]:
+        """What the plan asks this process to send in ``layer``: every transfer whose
+        planned source is this old rank (a transport decides whether to post them)."""
+        old = self.report.old_rank
+        if old is None:
+            return []
+        return [PeerSend(self.parts.of_new(t.dst_rank), t.sources[0].slot) for t in self.plan.peer_reads_from(old, layer)]
+
+
+@dataclass
+class _LayerRun:
+    """One layer of a :class:`_PlanRun`.
+
+    ``recvs`` [n]: this process's transfers of the layer; transfer ``i`` is staged at
+    bytes ``[i * eb, (i + 1) * eb)``; ``attempts`` [n]: sources tried so far;
+    ``delivered[i]``: the index into ``recvs[i].sources`` of the source that filled it.
+    Example: ``recvs[0].sources == (Source(2, 1, "peer"), Source(DISK, -1, "disk"))`` and
+    old rank 2 died: after the peer and disk phases ``attempts == [2]``, ``delivered == {0: 1}``.
+    """
+
+    run: _PlanRun
+    barrier: StoreBarrier
+    layer: int
+    recvs: list[Transfer]
+    attempts: list[int]
+    delivered: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def ex(self) -> PlanExecutor:
+        return self.run.ex
+
+    def execute(self) -> None:
+        phases = (
+            ("local", self.copy_local),
+            ("peer", self.read_peers),
+            ("disk", self.read_missing),
+            ("barrier", self.wait_barrier),
+            ("write", self.write),
+        )
+        seconds = self.run.report.phase_seconds
+        for phase, step in phases:
+            self.ex.options.phase_started(phase, self.layer)
+            t = time.perf_counter()
+            step()
+            seconds[phase] += time.perf_counter() - t
+
+    def offset(self, i: int) -> int:
+        return i * self.ex.layout.expert_bytes
+
+    def staged(self, i: int) -> torch.Tensor:
+        """The staging bytes of transfer ``i``."""
+        return self.run.staging[self.offset(i) : self.offset(i + 1)]
+
+    def copy_local(self) -> None:
+        if "local" not in self.ex.routes:
+            return
+        named = self.ex.weights[self.layer]
+        for i, tr in enumerate(self.recvs):
             src = tr.sources[0]
-            if src.route == "local" and "local" in self.routes:
-                attempts[i] = 1
-                self.layout.pack_slot(named, src.slot, out=staging[offsets[i] : offsets[i] + eb])
-                done[i] = 0
-        ph["local"] += time.perf_counter() - t
+            if src.route == "local":
+                self.attempts[i] = 1
+                self.ex.layout.pack_slot(named, src.slot, out=self.staged(i))
+                self.delivered[i] = 0
 
-        self.on_phase("peer", layer)
-        t = time.perf_counter()
-        staging = self._peer_reads(plan, layer, old_rank, recvs, parts, offsets, cursor, attempts, done, staging, failed)
-        ph["peer"] += time.perf_counter() - t
+    def read_peers(self) -> None:
+        tp = self.ex.transport
+        if tp is None or "peer" not in self.ex.routes:
+            return
+        asks = [i for i, tr in enumerate(self.recvs) if i not in self.delivered and tr.sources[0].route == "peer"]
+        # Per ask, the indices into its sources of its peer sources: the candidates.
+        picks = [[k for k, s in enumerate(self.recvs[i].sources) if s.route == "peer"] for i in asks]
+        receives = [
+            Receive(self.offset(i), tuple(self.peer_source(self.recvs[i].sources[k]) for k in ks))
+            for i, ks in zip(asks, picks)
+        ]
+        outcomes = tp.exchange(self.layer, receives, self.run.sends(self.layer), self.ex.options.source_timeout_s)
+        self.run.staging = tp.staging  # a buffer an abandoned read may still write to was retired
+        for i, ks, r, o in zip(asks, picks, receives, outcomes):
+            self.note_peer_outcome(i, ks, r, o)
 
-        self.on_phase("disk", layer)
-        t = time.perf_counter()
-        to_disk = [i for i in range(len(recvs)) if i not in done]
-        self._disk_reads(layer, recvs, to_disk, offsets, staging)
-        for i in to_disk:
-            attempts[i] += 1
-            done[i] = len(recvs[i].sources) - 1
-        ph["disk"] += time.perf_counter() - t
+    def peer_source(self, src: Source) -> PeerSource:
+        return PeerSource(self.run.parts.of_old(src.rank), src.slot)
 
-        self.on_phase("barrier", layer)
-        t = time.perf_counter()
-        gone = barrier.wait(f"layer/{layer}")
+    def note_peer_outcome(self, i: int, picks: list[int], receive: Receive, outcome: ReceiveOutcome) -> None:
+        self.attempts[i] += outcome.attempts
+        for k, err in outcome.failures:
+            p = receive.candidates[k].participant
+            log.warning("layer %d slot %d: read from participant %d failed: %s", self.layer, self.recvs[i].dst_slot, p, err)
+            self.run.failed.add(p)
+        if outcome.delivered is not None:
+            self.delivered[i] = picks[outcome.delivered]
+
+    def read_missing(self) -> None:
+        self.read_disk([i for i in range(len(self.recvs)) if i not in self.delivered])
+
+    def wait_barrier(self) -> None:
+        report = self.run.report
+        gone = self.barrier.wait(f"layer/{self.layer}")
         if gone:
-            report.excluded[layer] = gone
-        ph["barrier"] += time.perf_counter() - t
-        if barrier.fenced:
+            report.excluded[self.layer] = gone
+        if self.barrier.fenced:
             # The others wrote this layer without waiting for us: what we read from
             # peers may be their new bytes. Read those slots again from disk.
-            report.fenced_layers.append(layer)
-            again = [i for i in range(len(recvs)) if recvs[i].sources[done[i]].route == "peer"]
-            log.warning("layer %d: passed without this rank; %d peer-read slots re-read from disk", layer, len(again))
-            self._disk_reads(layer, recvs, again, offsets, staging)
-            for i in again:
-                attempts[i] += 1
-                done[i] = len(recvs[i].sources) - 1
+            report.fenced_layers.append(self.layer)
+            again = [i for i, tr in enumerate(self.recvs) if tr.sources[self.delivered[i]].route == "peer"]
+            log.warning("layer %d: passed without this rank; %d peer-read slots re-read from disk", self.layer, len(again))
+            self.read_disk(again)
 
-        self.on_phase("write", layer)
-        t = time.perf_counter()
-        for i, tr in enumerate(recvs):
-            buf = staging[offsets[i] : offsets[i] + eb]
-            for st, off in zip(self.layout.tensors, self.layout.offsets):
-                self.layout.row_bytes_view(named[st.name], tr.dst_slot).copy_(buf[off : off + st.row_bytes])
-            src = tr.sources[done[i]]
-            report.outcomes.append(
-                TransferOutcome(layer, tr.dst_slot, tr.logical, tr.route, src.route, src.rank, attempts[i], eb)
+    def write(self) -> None:
+        layout, named, eb = self.ex.layout, self.ex.weights[self.layer], self.ex.layout.expert_bytes
+        for i, tr in enumerate(self.recvs):
+            buf = self.staged(i)
+            for st, off in zip(layout.tensors, layout.offsets):
+                layout.row_bytes_view(named[st.name], tr.dst_slot).copy_(buf[off : off + st.row_bytes])
+            src = tr.sources[self.delivered[i]]
+            self.run.report.outcomes.append(
+                TransferOutcome(self.layer, tr.dst_slot, tr.logical, tr.route, src.route, src.rank, self.attempts[i], eb)
             )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        ph["write"] += time.perf_counter() - t
-        return staging
+        if self.ex.device.type == "cuda":
+            torch.cuda.synchronize(self.ex.device)
 
-    def _peer_reads(
-        self,
-        plan: TransferPlan,
-        layer: int,
-        old_rank: int | None,
-        recvs: list[Transfer],
-        parts: Participants,
-        offsets: list[int],
-        cursor: list[int],
-        attempts: list[int],
-        done: dict[int, int],
-        staging: torch.Tensor,
-        failed: set[int],
-    ) -> torch.Tensor:
-        tp = self.transport
-        if tp is None or "peer" not in self.routes:
-            return staging
-        sends: list[PeerSend] = []
-        if not tp.one_sided and old_rank is not None:
-            sends = [
-                PeerSend(parts.of_new(t.dst_rank), t.sources[0].slot)
-                for t in plan.layer_transfers(layer)
-                if t.sources[0].route == "peer" and t.sources[0].rank == old_rank
-            ]
-        pending = [i for i, t in enumerate(recvs) if i not in done and t.sources[0].route == "peer"]
-        first = True
-        while pending or (first and sends):
-            batch: list[tuple[int, int]] = []  # (recv index, participant)
-            for i in pending:
-                srcs = recvs[i].sources
-                # Two-sided transports only have the planned sender posting a send.
-                while cursor[i] < len(srcs) - 1 and (
-                    srcs[cursor[i]].route != "peer"
-                    or (tp.one_sided and parts.of_old(srcs[cursor[i]].rank) in failed)
-                    or (not tp.one_sided and cursor[i] > 0)
-                ):
-                    cursor[i] += 1
-                if srcs[cursor[i]].rank != DISK and srcs[cursor[i]].route == "peer":
-                    batch.append((i, parts.of_old(srcs[cursor[i]].rank)))
-            if not batch and not (first and sends):
-                break
-            reads = [PeerRead(p, recvs[i].sources[cursor[i]].slot, offsets[i]) for i, p in batch]
-            outcomes = tp.exchange(layer, reads, sends if first else [], self.source_timeout_s)
-            first = False
-            if tp.staging_poisoned:
-                staging = self._replace_staging(staging)
-            pending = []
-            for (i, p), err in zip(batch, outcomes):
-                attempts[i] += 1
-                if err is None:
-                    done[i] = cursor[i]
-                else:
-                    log.warning("layer %d slot %d: read from participant %d failed: %s", layer, recvs[i].dst_slot, p, err)
-                    failed.add(p)
-                    cursor[i] += 1
-                    if tp.one_sided:
-                        pending.append(i)
-        return staging
-
-    def _replace_staging(self, old: torch.Tensor) -> torch.Tensor:
-        """An abandoned read may still land in ``old``: keep it alive (so the memory is
-        not reused) and go on with a copy in a fresh, registered buffer."""
-        assert self.transport is not None
-        new = old.clone()
-        self._retired.append(old)
-        self.transport.register_staging(new)
-        return new
-
-    def _disk_reads(
-        self, layer: int, recvs: list[Transfer], which: list[int], offsets: list[int], staging: torch.Tensor
-    ) -> None:
+    def read_disk(self, which: list[int]) -> None:
+        """Fill transfers ``which`` from the checkpoint: one read per distinct expert,
+        further slots of the same expert copy it."""
         if not which:
             return
-        if self.disk is None:
+        disk = self.ex.disk
+        if disk is None:
             raise TransportError(
-                f"layer {layer}: {len(which)} slots need the checkpoint (no live replica left) but no "
+                f"layer {self.layer}: {len(which)} slots need the checkpoint (no live replica left) but no "
                 "disk source is configured; pass the model directory"
             )
-        # One read per distinct expert; further slots of the same expert copy it.
-        first: dict[int, int] = {}
-        dup: list[tuple[int, int]] = []
+        first: dict[int, int] = {}  # logical expert -> the transfer that reads it
         for i in which:
-            j = first.setdefault(recvs[i].logical, i)
-            if j != i:
-                dup.append((i, j))
+            first.setdefault(self.recvs[i].logical, i)
         uniq = list(first.values())
-        self.disk.read_packed([(layer, recvs[i].logical) for i in uniq], staging, [offsets[i] for i in uniq])
-        eb = self.layout.expert_bytes
-        for i, j in dup:
-            staging[offsets[i] : offsets[i] + eb].copy_(staging[offsets[j] : offsets[j] + eb])
-
+        disk.read_packed([(self.layer, self.recvs[i].logical) for i in uniq], self.run.staging, [self.offset(i) for i in uniq])
+        for i in which:
+            j = first[self.recvs[i].logical]
+            if j != i:
+                self.staged(i).copy_(self.staged(j))
+            self.attempts[i] += 1
+            self.delivered[i] = len(self.recvs[i].sources) - 1

@@ -56,21 +56,28 @@ Example (DeepSeek-V3-like, 2 MoE layers, 4 slots per rank, 2 ranks)::
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from loaders.checkpoint.naming import NamingScheme
+from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 from loaders.layout import ExpertLayout, moe_layout
-from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource
 
-from elastic_ep.errors import ConfigError, PlacementError
-from elastic_ep.runtime.executor import ExecutionReport, PlanExecutor
 from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import TransferPlan
+from elastic_ep.errors import ConfigError, PlacementError
+from elastic_ep.runtime.executor import ExecutionReport, PlanExecutor
+from elastic_ep.runtime.slots import disk_reference, fill_rank_slots, mismatched_slots
+
+if TYPE_CHECKING:  # the agent brings etcd: imported when an agent is built, not with the adapter
+    from elastic_ep.runtime.agent import RankAgent
+    from elastic_ep.runtime.wiring import AgentSettings
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +151,11 @@ class _MapUpdatingExecutor(PlanExecutor):
         super().__init__(*args, **kwargs)
         self.adapter = adapter
 
-    def execute(self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None) -> ExecutionReport:
+    def execute(
+        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None
+    ) -> ExecutionReport:
         try:
-            report = super().execute(plan, old_rank, new_rank)
+            report = super().execute(plan, old_rank, new_rank, store=store)
         except BaseException:
             self.adapter._weights_lost(f"plan epoch {plan.epoch}")
             raise
@@ -222,7 +231,7 @@ class VllmExpertAdapter:
             if not 0 <= s <= p2l.shape[1] - self.slots_per_rank:
                 raise ConfigError(f"ep_rank {ep_rank} has no slots in a map of {p2l.shape[1]} physical experts")
             self.held[:] = p2l[:, s : s + self.slots_per_rank].cpu().numpy()
-        self.rank_agent: Any = None
+        self.rank_agent: RankAgent | None = None
         self._load_lock = threading.Lock()
         self._load: np.ndarray | None = None  # [num_layers, num_logical] tokens since the last window
 
@@ -282,13 +291,8 @@ class VllmExpertAdapter:
     def load_initial(self, disk: SafetensorsExpertSource, placement: ExpertPlacement, rank: int) -> int:
         """Bootstrap: fill ``rank``'s slots of ``placement`` from ``disk``, reading only
         slots that do not hold their expert yet; returns bytes read."""
-        want = placement.rank_slots(rank)
-        total = 0
         try:
-            for layer in range(placement.num_layers):
-                reqs = [ExpertRequest(layer, int(e), s) for s, e in enumerate(want[layer]) if self.held[layer, s] != e]
-                if reqs:
-                    total += disk.load(reqs, self.weights).bytes_read
+            total = fill_rank_slots(disk, placement, rank, self.weights, held=self.held)
         except BaseException:
             self._weights_lost("bootstrap load")
             raise
@@ -308,17 +312,7 @@ class VllmExpertAdapter:
     def mismatched_slots(self, disk: SafetensorsExpertSource, placement: ExpertPlacement, rank: int) -> int:
         """Slots of ``rank`` whose bytes differ from the checkpoint's (reads every one of
         them from disk: for tests and debugging, not for production acks)."""
-        want = placement.rank_slots(rank)
-        eb = self.layout.expert_bytes
-        bad = 0
-        for layer in range(placement.num_layers):
-            experts = [(layer, int(e)) for e in want[layer]]
-            ref = torch.empty(len(experts) * eb, dtype=torch.uint8, device=self.weights[layer][0].device)
-            disk.read_packed(experts, ref, [i * eb for i in range(len(experts))])
-            for s in range(len(experts)):
-                got = self.layout.pack_slot(self.weights[layer], s)
-                bad += int(not torch.equal(got, ref[s * eb : (s + 1) * eb]))
-        return bad
+        return len(mismatched_slots(self.layout, placement, rank, self.weights, disk_reference(disk)))
 
     # -- load statistics ---------------------------------------------------------------
     def record_physical_load(self, counts: torch.Tensor | np.ndarray) -> None:
@@ -353,47 +347,31 @@ class VllmExpertAdapter:
 
     def agent(
         self,
-        settings: Any,
-        scheme: Any = None,
+        settings: AgentSettings,
+        scheme: NamingScheme | None = None,
         moe_layer_ids: Sequence[int] | None = None,
         verify: bool = False,
         **executor_options: Any,
-    ) -> Any:
-        """A :class:`~elastic_ep.runtime.agent.RankAgent` for this engine from
-        :class:`~elastic_ep.tools.entrypoint.AgentSettings`: its transport, the checkpoint in
+    ) -> RankAgent:
+        """A :class:`~elastic_ep.runtime.agent.RankAgent` for this engine
+        (:func:`~elastic_ep.runtime.wiring.build_agent`): its transport, the checkpoint in
         ``settings.checkpoint`` as disk fallback, and the callbacks above. ``scheme``
-        None: the checkpoint is a Hugging Face model directory, read like ``elastic-ep
-        inspect`` (naming, MoE layer ids, and a check that its experts have this
-        engine's layout); else a naming scheme with checkpoint layer numbers
-        ``moe_layer_ids``. ``verify``: report in every ack how many slots differ from the
-        checkpoint (reads them all; tests only)."""
-        from loaders.transport import get_transport
+        None: the checkpoint is a Hugging Face model directory, checked against this
+        engine's layout (:func:`~elastic_ep.runtime.wiring.open_checkpoint`); else a
+        naming scheme with checkpoint layer numbers ``moe_layer_ids``. ``verify``: report
+        in every ack how many slots differ from the checkpoint (reads them all; tests
+        only). ``executor_options``: the executor's timeouts."""
+        from elastic_ep.runtime.wiring import AgentHooks, RankExperts, build_agent, open_checkpoint
 
-        from elastic_ep.runtime.agent import RankAgent
-
-        if not settings.checkpoint:
-            raise ConfigError("the agent needs the model directory (ELASTIC_EP_MODEL) for its disk fallback")
-        if scheme is None:
-            from loaders.checkpoint.hf_model import open_model
-
-            model = open_model(settings.checkpoint)
-            if model.expert_layout != self.layout:
-                raise ConfigError(
-                    f"{settings.checkpoint}: its experts are {[(t.name, t.row_shape, t.dtype) for t in model.expert_layout.tensors]}, "
-                    f"this engine's slots {[(t.name, t.row_shape, t.dtype) for t in self.layout.tensors]}; "
-                    "serve the model the directory holds, or pass layout="
-                )
-            scheme, moe_layer_ids = model.naming, model.moe_layer_ids
-        disk = SafetensorsExpertSource(settings.checkpoint, scheme, self.layout, moe_layer_ids)
-        transport = get_transport(settings.transport, self.layout, **settings.transport_options)
-        ex = self.executor(transport, disk, **executor_options)
-        self.rank_agent = RankAgent(
-            settings.config, ex,
+        disk = open_checkpoint(settings.checkpoint, self.layout, scheme, moe_layer_ids)
+        hooks = AgentHooks(
             load_initial=lambda placement, rank: self.load_initial(disk, placement, rank),
             on_commit=self.on_commit,
-            verify=(lambda placement, rank: self.mismatched_slots(disk, placement, rank)) if verify else None,
+            reference=disk_reference(disk) if verify else None,
             load_window=self.load_window,
         )
+        self.rank_agent = build_agent(settings, RankExperts(self.weights, self.layout, disk), hooks,
+                                      functools.partial(_MapUpdatingExecutor, self), **executor_options)
         return self.rank_agent
 
     @contextmanager

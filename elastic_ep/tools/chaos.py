@@ -21,19 +21,18 @@ from typing import Any, Callable
 import numpy as np
 
 from controller.etcd_client import EtcdConfig, connect
+from controller.records import PlanRecord, member_id
+from controller.view import ClusterView, read_view
+from elastic_ep.errors import ElasticEPError
 from elastic_ep.tools.etcd_server import EtcdServer
-from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord
+from elastic_ep.tools.invariants import InvariantError, check_commit, require
+from elastic_ep.tools.polling import wait_for
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
-from elastic_ep.errors import ElasticEPError
-from elastic_ep.tools.polling import wait_for
+__all__ = ["FAULTS", "ChaosCluster", "InvariantError", "StepResult", "random_schedule"]
 
 FAULTS = ("kill_one", "kill_two", "kill_holders", "kill_in_transfer", "kill_leader", "restart_etcd",
           "join_after_failure", "double_failure")
-
-
-class InvariantError(ElasticEPError):
-    """A chaos step ended in a state that breaks an invariant."""
 
 
 @dataclass
@@ -132,19 +131,8 @@ class ChaosCluster:
     def _client(self) -> Any:
         return connect(self.cfg)
 
-    def read(self) -> dict[str, Any]:
-        c = self._client()
-        root = self.cfg.root
-        kv = {m.key.decode()[len(root) + 1:]: v for v, m in c.get_prefix(root + "/")}
-        return {
-            "ranks": {k.split("/", 1)[1]: RankRecord.parse(k, v) for k, v in kv.items() if k.startswith("ranks/")},
-            "acks": {a.id: a for a in (AckRecord.parse(k, v) for k, v in kv.items() if k.startswith("acks/"))},
-            "loads": {r.id: r for r in (LoadRecord.parse(k, v) for k, v in kv.items() if k.startswith("load/"))},
-            "plan": PlanRecord.parse("plan", kv["plan"]) if "plan" in kv else None,
-            "committed": CommitRecord.parse("committed", kv["committed"]) if "committed" in kv else None,
-            "leader": kv.get("leader", b"").decode() or None,
-            "epoch": int(kv.get("epoch", b"0")),
-        }
+    def read(self) -> ClusterView:
+        return read_view(self._client(), self.cfg.root)
 
     def live_ranks(self) -> list[str]:
         return [n for n, p in self.procs.items() if n.startswith("r") and p.poll() is None]
@@ -152,21 +140,21 @@ class ChaosCluster:
     def live_controllers(self) -> list[str]:
         return [n for n, p in self.procs.items() if n.startswith("ctl") and p.poll() is None]
 
-    def _stable(self, expect: int | None = None) -> dict[str, Any] | None:
+    def _stable(self, expect: int | None = None) -> ClusterView | None:
         """The state once the newest plan is committed and names exactly the live ranks."""
         try:
-            s = self.read()
+            v = self.read()
         except ElasticEPError:
             return None
-        c = s["committed"]
-        if c is None or c.epoch != s["epoch"]:
+        c = v.committed
+        if c is None or c.epoch != v.epoch:
             return None
-        members = sorted(m.split("#")[0] for m in c.members)
+        members = sorted(member_id(m) for m in c.members)
         if members != sorted(self.live_ranks()) or (expect is not None and len(members) != expect):
             return None
-        if any(r.state != "active" for r in s["ranks"].values()):
+        if any(r.state != "active" for r in v.ranks.values()):
             return None
-        return s
+        return v
 
     def _wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
         v = wait_for(pred, timeout, 0.05)
@@ -179,13 +167,14 @@ class ChaosCluster:
         return (len(self.live_ranks()) - n_dead) * self.slots >= self.spec.experts
 
     def _wait_plan_after(self, epoch: int) -> PlanRecord:
-        return self._wait(lambda: (p := self.read()["plan"]) is not None and p.epoch > epoch and p,
+        return self._wait(lambda: (p := self.read().plan) is not None and p.epoch > epoch and p,
                           self.recover_timeout_s, f"a plan after epoch {epoch}")
 
     def step(self, fault: str) -> StepResult:
         before = self.read()
-        c0 = before["committed"]
-        members = [m.split("#")[0] for m in c0.members]
+        c0 = before.committed
+        assert c0 is not None  # a step starts from a stable, committed state
+        members = [member_id(m) for m in c0.members]
         t0 = time.monotonic()
         detail = ""
         if fault == "kill_one" or (fault == "kill_two" and not self._capacity_left(2)):
@@ -202,7 +191,7 @@ class ChaosCluster:
                 victims = victims[:1]
             detail = f"expert {e} of layer 0 held only by {victims}"
         elif fault == "kill_leader":
-            victims = [before["leader"]] if before["leader"] in self.live_controllers() else []
+            victims = [before.leader] if before.leader in self.live_controllers() else []
         else:
             victims = []
         if fault in ("kill_one", "kill_two", "kill_holders", "kill_leader"):
@@ -213,7 +202,7 @@ class ChaosCluster:
             first = members[int(self.rng.integers(len(members)))]
             self.kill(first)
             p = self._wait_plan_after(c0.epoch)
-            parts = [m.split("#")[0] for m in p.participants() if m.split("#")[0] in self.live_ranks()]
+            parts = [member_id(m) for m in p.participants() if member_id(m) in self.live_ranks()]
             if parts and self._capacity_left(1):
                 second = parts[int(self.rng.integers(len(parts)))]
                 self.kill(second)
@@ -224,7 +213,7 @@ class ChaosCluster:
         elif fault == "double_failure":
             first = members[int(self.rng.integers(len(members)))]
             self.kill(first)
-            self._wait(lambda: first not in self.read()["ranks"], 30, f"{first} to expire")
+            self._wait(lambda: first not in self.read().ranks, 30, f"{first} to expire")
             rest = [m for m in members if m != first and m in self.live_ranks()]
             if rest and self._capacity_left(1):
                 self.kill(rest[int(self.rng.integers(len(rest)))])
@@ -245,41 +234,23 @@ class ChaosCluster:
         while len(self.live_ranks()) * self.slots < self.spec.experts + self.slots:
             self.add_rank()
         s = self._wait(self._stable, self.recover_timeout_s, f"recovery after {fault}")
-        if fault == "restart_etcd" and s["committed"].epoch != c0.epoch:
-            raise InvariantError(f"etcd restart changed the epoch {c0.epoch} -> {s['committed'].epoch}: "
+        if fault == "restart_etcd" and s.committed.epoch != c0.epoch:
+            raise InvariantError(f"etcd restart changed the epoch {c0.epoch} -> {s.committed.epoch}: "
                                  "a rank was declared dead because etcd was away")
-        res = StepResult(fault, detail, time.monotonic() - t0, s["committed"].epoch)
+        res = StepResult(fault, detail, time.monotonic() - t0, s.committed.epoch)
         self.check(s, res)
         self.results.append(res)
         self.log(f"[seed {self.seed}] {fault}: {detail}; stable at epoch {res.epoch} after {res.seconds:.2f} s")
         return res
 
     # -- invariants --------------------------------------------------------------------
-    def check(self, s: dict[str, Any], res: StepResult) -> None:
-        c: CommitRecord = s["committed"]
-        try:
-            c.placement.validate()  # a replica for every expert; slots_per_rank per rank
-        except ElasticEPError as e:
-            raise InvariantError(f"epoch {c.epoch}: {e}") from e
-        p: PlanRecord | None = s["plan"]
-        if p is not None and p.plan is not None and p.epoch == c.epoch:
-            try:
-                p.plan.validate()  # no dead source; disk only when no live replica
-            except ElasticEPError as e:
-                raise InvariantError(f"epoch {c.epoch} plan: {e}") from e
-        for m in c.members:
-            a = s["acks"].get(m)
-            if a is None or a.epoch != c.epoch or not a.ok:
-                raise InvariantError(f"epoch {c.epoch}: member {m} has no ok ack ({a})")
-            if a.mismatched > 0:
-                raise InvariantError(f"epoch {c.epoch}: member {m}: {a.mismatched} slots not bit-exact")
-            if a.bytes.get("disk", 0) and p is not None and p.plan is not None and not any(p.plan.missing):
-                res.disk_fallback = True
-        for rid, ld in s["loads"].items():
-            if ld.epochs != sorted(ld.epochs) or len(set(ld.epochs)) != len(ld.epochs):
-                raise InvariantError(f"rank {rid} saw epochs out of order: {ld.epochs}")
-            if ld.served.get("bad", 0):
-                raise InvariantError(f"rank {rid} served {ld.served['bad']} requests from wrong expert bytes")
+    def check(self, v: ClusterView, res: StepResult) -> None:
+        """Fail the schedule on the first broken invariant; count disk reads that no plan
+        asked for (a source died mid-transfer) as fallbacks."""
+        require(check_commit(v))
+        p = v.plan
+        if p is not None and p.plan is not None and not any(p.plan.missing):
+            res.disk_fallback = any(a.bytes.get("disk", 0) for a in v.acks.values())
 
 
 def random_schedule(rng: np.random.Generator, steps: int) -> list[str]:

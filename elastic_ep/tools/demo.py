@@ -25,15 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from controller.records import member_id
+from controller.view import ClusterView, read_view
 from elastic_ep.errors import ConfigError, ElasticEPError
+from elastic_ep.tools.invariants import Check, check_commit
 from elastic_ep.tools.polling import wait_for
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str = ""
 
 
 @dataclass
@@ -107,7 +103,7 @@ class Demo:
                 for rid in ids:
                     self._agent(rid, ckpt, work)
                 self.say(f"started {a.ranks} ranks ({a.transport} transport), {a.slots} slots each; waiting for the placement")
-                c = self._wait(lambda: self._committed(), 180, "the first placement")
+                c = self._wait(lambda: self._view().committed, 180, "the first placement")
                 self.say(f"epoch {c.epoch} committed: {len(c.members)} ranks serving")
                 self._serving_pause(2.0)
                 self._changes(c, rng, ckpt, work)
@@ -136,33 +132,8 @@ class Demo:
         log.close()
 
     # -- reading etcd --------------------------------------------------------------------
-    def _get(self, name: str) -> bytes | None:
-        v, _ = self.client.get(f"{self.cfg.root}/{name}")
-        return v
-
-    def _committed(self) -> Any:
-        from controller.records import CommitRecord
-
-        v = self._get("committed")
-        return None if v is None else CommitRecord.parse("committed", v)
-
-    def _plan(self) -> Any:
-        from controller.records import PlanRecord
-
-        v = self._get("plan")
-        return None if v is None else PlanRecord.parse("plan", v)
-
-    def _acks(self) -> dict[str, Any]:
-        from controller.records import AckRecord
-
-        return {a.id: a for a in (AckRecord.parse(m.key.decode(), v)
-                                  for v, m in self.client.get_prefix(f"{self.cfg.root}/acks/"))}
-
-    def _served(self) -> dict[str, dict[str, int]]:
-        from controller.records import LoadRecord
-
-        return {r.id: r.served for r in (LoadRecord.parse(m.key.decode(), v)
-                                         for v, m in self.client.get_prefix(f"{self.cfg.root}/load/"))}
+    def _view(self) -> ClusterView:
+        return read_view(self.client, self.cfg.root)
 
     def _wait(self, pred: Any, timeout: float, what: str) -> Any:
         v = wait_for(pred, timeout, 0.02)
@@ -172,15 +143,15 @@ class Demo:
 
     def _serving_pause(self, seconds: float) -> None:
         time.sleep(seconds)
-        served = self._served()
-        ok = sum(s.get("ok", 0) for s in served.values())
-        bad = sum(s.get("bad", 0) for s in served.values())
+        served = [ld.served for ld in self._view().loads.values()]
+        ok = sum(s.get("ok", 0) for s in served)
+        bad = sum(s.get("bad", 0) for s in served)
         self.say(f"requests so far: {ok} expert hits checked, {bad} wrong")
 
     # -- the membership changes ------------------------------------------------------------
     def _changes(self, c: Any, rng: np.random.Generator, ckpt: str, work: str) -> None:
         a = self.args
-        members = [m.split("#")[0] for m in c.members]
+        members = [member_id(m) for m in c.members]
         steps: list[tuple[str, list[str]]] = []
         if a.leave:
             steps.append(("leave", [members[-1]]))
@@ -194,7 +165,7 @@ class Demo:
         if a.join:
             steps.append(("join", [f"rank-{a.ranks + i}" for i in range(a.join)]))
         for kind, ranks in steps:
-            before = self._committed()
+            before = self._view().committed
             ch = Change(kind, ranks, time.monotonic())
             self.changes.append(ch)
             verb = {"kill": "SIGKILL", "leave": "draining", "join": "starting"}[kind]
@@ -222,78 +193,31 @@ class Demo:
 
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline:
-            if ch.kind == "kill":
-                live = {m.key.decode().rsplit("/", 1)[1] for _, m in self.client.get_prefix(f"{self.cfg.root}/ranks/")}
-                if not set(ch.ranks) & live:
-                    mark("detect", f"lease expired: {', '.join(ch.ranks)} gone")
-            p = self._plan()
+            v = self._view()
+            if ch.kind == "kill" and not set(ch.ranks) & set(v.ranks):
+                mark("detect", f"lease expired: {', '.join(ch.ranks)} gone")
+            p = v.plan
             if p is not None and p.epoch > before.epoch and p.plan is not None:
                 ch.epoch = p.epoch
                 s = p.plan.summary()
                 mark("plan", f"plan epoch {p.epoch} published: {s['new_ep_size']} ranks, "
                      f"{len(p.plan.transfers)} slot transfers, {s['missing_experts']} experts with no live replica")
-                acks = [x for x in self._acks().values() if x.epoch == p.epoch]
-                if acks:
-                    mark("first_ack", f"first rank finished its transfers ({acks[0].id.split('#')[0]})")
-            c = self._committed()
-            if c is not None and c.epoch > before.epoch and (not ch.epoch or c.epoch >= ch.epoch):
-                if ch.epoch and c.epoch == ch.epoch:
-                    mark("commit", f"epoch {c.epoch} committed: {len(c.members)} ranks, bytes {c.bytes}")
-                    self._check(c, ch)
-                    return
+                if v.acks:
+                    mark("first_ack", f"first rank finished its transfers ({member_id(next(iter(v.acks)))})")
+            c = v.committed
+            if c is not None and ch.epoch and c.epoch == ch.epoch:
+                mark("commit", f"epoch {c.epoch} committed: {len(c.members)} ranks, bytes {c.bytes}")
+                self.checks += check_commit(v, exact_disk=True, epochs_seen=[x.epoch for x in self.changes if x.epoch])
+                return
             time.sleep(0.01)
         raise ElasticEPError(f"no recovery committed within {self.args.timeout:.0f} s after {ch.kind} {ch.ranks}")
 
-    # -- invariants ----------------------------------------------------------------------
-    def _check(self, c: Any, ch: Change) -> None:
-        p = self._plan()
-        plan = p.plan
-        acks = {k: v for k, v in self._acks().items() if v.epoch == c.epoch}
-        eb = self.spec.expert_bytes
-
-        def check(name: str, ok: bool, detail: str = "") -> None:
-            self.checks.append(Check(f"epoch {c.epoch}: {name}", bool(ok), detail))
-
-        try:
-            c.placement.validate()
-            check("every logical expert has a replica; every rank holds slots_per_rank slots", True)
-        except ElasticEPError as e:
-            check("every logical expert has a replica; every rank holds slots_per_rank slots", False, str(e))
-        try:
-            plan.validate()
-            check("no transfer reads from a dead rank; disk only for experts with no live replica", True)
-        except ElasticEPError as e:
-            check("no transfer reads from a dead rank; disk only for experts with no live replica", False, str(e))
-        carried = plan.mapping.carry_over(plan.old)
-        kept = (carried >= 0) & (carried == plan.new.phy2log)
-        moved_inside = 0
-        for layer in range(plan.new.num_layers):
-            for r in range(plan.mapping.new_ep_size):
-                row_old = carried[layer].reshape(-1, plan.new.slots_per_rank)[r]
-                row_new = plan.new.phy2log[layer].reshape(-1, plan.new.slots_per_rank)[r]
-                for e in set(row_old.tolist()) & set(row_new.tolist()) - {-1}:
-                    if not any(row_old[s] == e and row_new[s] == e for s in range(len(row_old))):
-                        moved_inside += 1
-        check("an expert that stays on a rank keeps its slot", moved_inside == 0, f"{int(kept.sum())} slots kept")
-        disk_bytes = sum(a.bytes.get("disk", 0) for a in acks.values())
-        missing = sum(len(m) for m in plan.missing)
-        check("bytes read from disk equal the missing experts' bytes", disk_bytes == missing * eb,
-              f"{disk_bytes} B from disk, {missing} missing experts x {eb} B")
-        # Members check their slots (0 = all exact); a leaving rank has none to check.
-        bad = {m.split("#")[0]: acks[m].mismatched for m in c.members if m in acks and acks[m].mismatched != 0}
-        check("every slot bit-exact with the checkpoint", not bad and all(m in acks for m in c.members),
-              f"not exact: {bad}" if bad else f"{len(c.members)} ranks x {plan.new.num_layers} layers x "
-              f"{plan.new.slots_per_rank} slots checked")
-        seen = [x.epoch for x in self.changes if x.epoch]
-        check("epochs only increase", seen == sorted(set(seen)))
-
     def _summary(self) -> dict[str, Any]:
-        c = self._committed()
-        served = self._served()
-        ok_req = sum(s.get("ok", 0) for s in served.values())
-        bad_req = sum(s.get("bad", 0) for s in served.values())
+        v = self._view()
+        c, p = v.committed, v.plan
+        ok_req = sum(ld.served.get("ok", 0) for ld in v.loads.values())
+        bad_req = sum(ld.served.get("bad", 0) for ld in v.loads.values())
         self.checks.append(Check("requests saw only correct expert bytes", bad_req == 0, f"{ok_req} ok, {bad_req} wrong"))
-        p = self._plan()
         disk_experts = {str(layer): list(m) for layer, m in enumerate(p.plan.missing) if m} if p and p.plan else {}
         last = self.changes[-1] if self.changes else None
         phases = {}
@@ -343,39 +267,12 @@ class Demo:
         say("\nOK: every invariant held" if r["ok"] else "\nFAILED: see the checks above")
 
 
-def add_command(sub: Any) -> None:
-    d = sub.add_parser("demo", help="local etcd, a controller and CPU ranks; kill a rank and watch the recovery")
-    d.add_argument("--ranks", type=int, default=4)
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--experts", type=int, default=16)
-    d.add_argument("--slots", type=int, help="slots per rank (default 6; with --model: enough for every "
-                                              "expert on the ranks left after the change)")
-    d.add_argument("--model", metavar="MODEL_DIR",
-                   help="a Hugging Face model directory: the recovery on its real experts (see elastic-ep inspect)")
-    d.add_argument("--template", action="append", metavar="ROLE=PATH",
-                   help="with --model, for an architecture elastic-ep does not know (see elastic-ep inspect)")
-    d.add_argument("--hidden", type=int, default=512)
-    d.add_argument("--intermediate", type=int, default=256)
-    d.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
-    d.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
-    d.add_argument("--fail", type=int, default=1, help="ranks to SIGKILL")
-    d.add_argument("--spread", action="store_true", help="kill one at a time (default: simultaneously)")
-    d.add_argument("--leave", action="store_true", help="first drain one rank gracefully")
-    d.add_argument("--join", type=int, default=0, help="finally add this many ranks")
-    d.add_argument("--lease-ttl", type=int, default=2)
-    d.add_argument("--settle", type=float, default=0.5)
-    d.add_argument("--timeout", type=float, default=120.0, help="per membership change")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.set_defaults(func=cmd_demo)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     left = args.ranks - args.fail - int(args.leave)
     model = None
     experts = args.experts
     if args.model:
-        from elastic_ep.tools.control_commands import parse_templates
+        from elastic_ep.tools.cli import parse_templates
         from loaders.checkpoint.hf_model import open_model
 
         model = open_model(args.model, templates=parse_templates(args.template))

@@ -53,10 +53,11 @@ import os
 import shlex
 import socket
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from elastic_ep.errors import ConfigError, ElasticEPError
+from elastic_ep.runtime.agent import AgentConfig
+from elastic_ep.runtime.wiring import AgentSettings  # what agent_settings_from_env returns; importable from here
 
 ROLES = ("controller", "agent", "setup-auth")
 
@@ -155,7 +156,7 @@ def command_argv(argv: Sequence[str] = (), env: Mapping[str, str] | None = None)
 def etcd_config_from_env(env: Mapping[str, str] | None = None, ident: str | None = None) -> Any:
     """An :class:`~controller.etcd_client.EtcdConfig` from the environment, through the
     same flags and reader (password file, ``ELASTIC_EP_ETCD_PASSWORD``) as the CLI."""
-    from elastic_ep.tools.control_commands import add_etcd_args, etcd_config
+    from elastic_ep.tools.cli import add_etcd_args, etcd_config
 
     parser = argparse.ArgumentParser(prog="elastic-ep (environment)", add_help=False)
     add_etcd_args(parser)
@@ -166,31 +167,10 @@ def etcd_config_from_env(env: Mapping[str, str] | None = None, ident: str | None
     return etcd_config(args)
 
 
-@dataclass(frozen=True)
-class AgentSettings:
-    """What a serving process embedding a :class:`~elastic_ep.runtime.agent.RankAgent` takes from
-    the environment.
-
-    Attributes:
-        config: the agent's :class:`~elastic_ep.runtime.agent.AgentConfig` (etcd, id, node, and
-            the transport's name as its endpoint).
-        transport: ``torch``, ``nixl`` or ``mooncake``.
-        transport_options: keyword options of the transport, e.g. ``{"interface": "eth0"}``
-            (gloo otherwise listens on loopback only).
-        checkpoint: the model directory (disk fallback), or None.
-    """
-
-    config: Any
-    transport: str = "torch"
-    transport_options: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
-
-
 def agent_settings_from_env(env: Mapping[str, str] | None = None, **agent_fields: Any) -> AgentSettings:
-    """:class:`AgentSettings` from ``ELASTIC_EP_*``; ``agent_fields`` override fields of
-    the :class:`~elastic_ep.runtime.agent.AgentConfig` (``lease_ttl_s=5``)."""
-    from elastic_ep.runtime.agent import AgentConfig
-
+    """:class:`~elastic_ep.runtime.wiring.AgentSettings` from ``ELASTIC_EP_*``;
+    ``agent_fields`` override fields of the :class:`~elastic_ep.runtime.agent.AgentConfig`
+    (``lease_ttl_s=5``)."""
     env = os.environ if env is None else env
     ident = member_id(env)
     transport = _get(env, "ELASTIC_EP_TRANSPORT") or "torch"

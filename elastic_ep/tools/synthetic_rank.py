@@ -16,17 +16,21 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from loaders.layout import ExpertLayout
-from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpertSource
+from controller.etcd_client import EtcdConfig
 from loaders.checkpoint.model import ExpertModel
+from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
+from loaders.layout import ExpertLayout
 
-from elastic_ep.runtime.executor import PlanExecutor
 from elastic_ep.core.placement import ExpertPlacement
-from elastic_ep.core.plan import TransferPlan
+from elastic_ep.core.plan import ROUTES, TransferPlan
+from elastic_ep.runtime import slots
+from elastic_ep.runtime.agent import AgentConfig, RankAgent
+from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.wiring import AgentHooks, AgentSettings, RankExperts, build_agent, open_checkpoint
 
 FILL_BYTE = 0xA5  # what an unfilled slot holds, so a missed write shows
 
@@ -39,26 +43,15 @@ def load_rank(
     source: SafetensorsExpertSource, placement: ExpertPlacement, rank: int, weights: list[dict[str, torch.Tensor]]
 ) -> int:
     """Fill ``rank``'s slots of ``placement`` from the checkpoint; returns bytes read."""
-    total = 0
-    for layer in range(placement.num_layers):
-        reqs = [ExpertRequest(layer, int(e), s) for s, e in enumerate(placement.rank_slots(rank)[layer])]
-        total += source.load(reqs, weights).bytes_read if reqs else 0
-    return total
+    return slots.fill_rank_slots(source, placement, rank, weights)
 
 
 def mismatched_slots(
     spec: ExpertModel, layout: ExpertLayout, placement: ExpertPlacement, rank: int, weights: list[dict[str, torch.Tensor]]
 ) -> list[tuple[int, int, int]]:
-    """``(layer, slot, logical)`` of every slot whose bytes differ from its expert's."""
-    bad = []
-    for layer in range(placement.num_layers):
-        for slot, e in enumerate(placement.rank_slots(rank)[layer]):
-            want = spec.expected_row(layer, int(e))
-            for name, w in weights[layer].items():
-                if not torch.equal(w[slot].cpu().view(torch.uint8), want[name].view(torch.uint8)):
-                    bad.append((layer, slot, int(e)))
-                    break
-    return bad
+    """``(layer, slot, logical)`` of every slot whose bytes differ from its expert's
+    (``spec.expected_row``, independent of the disk loader)."""
+    return slots.mismatched_slots(layout, placement, rank, weights, slots.model_reference(spec, layout))
 
 
 @dataclass(frozen=True)
@@ -206,57 +199,74 @@ def scenario(
     return build_plan(old, new, mapping, expert_bytes, epoch=epoch)
 
 
+@dataclass(frozen=True)
+class SyntheticRank:
+    """A stand-alone rank driven by the controller through etcd (picklable, for spawned
+    processes): ``SyntheticRank(EtcdConfig("127.0.0.1:2379"), "r0", "/tmp/ckpt", spec,
+    slots_per_rank=4)``.
 
-def run_agent(
-    etcd: Any,
-    rank_id: str,
-    ckpt_dir: str,
-    spec: ExpertModel,
-    slots_per_rank: int,
-    transport: str = "torch",
-    lease_ttl_s: int = 3,
-    node: str = "",
-    source_timeout_s: float = 5.0,
-    dead_after_s: float = 1.5,
-    stop: Any = None,
-    routes: Sequence[str] = ("local", "peer", "disk"),
-    check: bool = True,
-    load_seed: int = 0,
-) -> None:
-    """A stand-alone rank driven by the controller through etcd (``elastic-ep agent``):
-    loads its slots from ``ckpt_dir`` at bootstrap, executes plans, and reports in every
-    ack how many of its slots are not bit-exact (``check=False``: no checks and no
-    request stream, for timing runs). ``load_seed`` seeds the expert popularity its load
-    windows report (the same for every rank of a deployment)."""
-    from loaders.transport import get_transport
+    ``spec``: the checkpoint's experts (a synthetic spec or an opened model directory);
+    ``check``: report in every ack how many slots are not bit-exact and serve a request
+    stream that checks them (False: neither, for timing runs); ``load_seed`` seeds the
+    expert popularity its load windows report (the same for every rank of a deployment).
+    """
 
-    from elastic_ep.runtime.agent import AgentConfig, RankAgent
+    etcd: EtcdConfig
+    id: str
+    ckpt_dir: str
+    spec: ExpertModel
+    slots_per_rank: int
+    transport: str = "torch"
+    lease_ttl_s: int = 3
+    node: str = ""
+    source_timeout_s: float = 5.0
+    dead_after_s: float = 1.5
+    routes: tuple[str, ...] = ROUTES
+    check: bool = True
+    load_seed: int = 0
 
-    layout = spec.layout()
-    weights = allocate_weights(layout, spec.layers, slots_per_rank)
-    disk = SafetensorsExpertSource(ckpt_dir, spec.naming, layout, spec.moe_layer_ids)
-    tp = get_transport(transport, layout)
-    ex = PlanExecutor(weights, layout, tp, disk, None, source_timeout_s=source_timeout_s,
-                      dead_after_s=dead_after_s, heartbeat_s=min(0.2, dead_after_s / 4), routes=routes)
+    def settings(self) -> AgentSettings:
+        cfg = AgentConfig(self.etcd, self.id, node=self.node, lease_ttl_s=self.lease_ttl_s,
+                          endpoint={"transport": self.transport})
+        return AgentSettings(cfg, self.transport, checkpoint=self.ckpt_dir)
+
+
+def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, torch.Tensor]]]:
+    """The agent of ``rank`` (:func:`~elastic_ep.runtime.wiring.build_agent`) on freshly
+    allocated weights, and those weights."""
     from elastic_ep.core.load_stats import zipf_load
 
-    # One popularity for the whole deployment (seeded by the model), as the ranks of one
-    # serving deployment would count it.
-    agent = RankAgent(
-        AgentConfig(etcd, rank_id, node=node, lease_ttl_s=lease_ttl_s, endpoint={"transport": transport}),
-        ex,
-        load_initial=lambda placement, rank: load_rank(disk, placement, rank, weights),
-        verify=(lambda placement, rank: len(mismatched_slots(spec, layout, placement, rank, weights))) if check else None,
-        load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, load_seed),
+    spec = rank.spec
+    layout = spec.layout()
+    weights = allocate_weights(layout, spec.layers, rank.slots_per_rank)
+    disk = open_checkpoint(rank.ckpt_dir, layout, spec.naming, spec.moe_layer_ids)
+    hooks = AgentHooks(
+        reference=slots.model_reference(spec, layout) if rank.check else None,
+        # One popularity for the whole deployment (seeded by the model), as the ranks of
+        # one serving deployment would count it.
+        load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, rank.load_seed),
     )
-    if check:
-        threading.Thread(target=serve_requests, args=(agent, spec, layout, weights, agent._stop),
+    agent = build_agent(rank.settings(), RankExperts(weights, layout, disk), hooks,
+                        source_timeout_s=rank.source_timeout_s, dead_after_s=rank.dead_after_s,
+                        heartbeat_s=min(0.2, rank.dead_after_s / 4), routes=rank.routes)
+    return agent, weights
+
+
+def run_agent(rank: SyntheticRank, stop: threading.Event | None = None) -> None:
+    """Run ``rank`` (``elastic-ep agent``) until ``stop`` is set or it has left: loads its
+    slots at bootstrap, executes plans, and with ``rank.check`` serves a request stream
+    that checks the slots it routes to."""
+    agent, weights = build_rank_agent(rank)
+    serving = threading.Event()
+    if rank.check:
+        threading.Thread(target=serve_requests, args=(agent, rank.spec, rank.spec.layout(), weights, serving),
                          name="elastic-ep-serve", daemon=True).start()
     try:
         agent.run(stop)
     finally:
+        serving.set()
         agent.stop()
-        tp.close()
+        agent.executor.transport.close()
 
 
 def serve_requests(agent: Any, spec: ExpertModel, layout: ExpertLayout, weights: list[dict[str, torch.Tensor]],

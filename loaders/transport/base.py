@@ -6,16 +6,30 @@ registers its serving weights once (the per-layer ``[slots_per_rank, ...]`` tens
 per epoch, a staging buffer: flat ``uint8`` that receives packed slots (tensor after
 tensor in :class:`~loaders.layout.ExpertLayout` order, ``expert_bytes`` each).
 
-Executing one layer is one :meth:`PeerTransport.exchange` call on every participant,
-with the reads this process makes and the sends the plan asks of it. One-sided
-transports (NIXL, Mooncake) read straight from the peer's registered weights and ignore
-``sends``; two-sided ones (torch.distributed) post a send for each. The outcome of each
-read is reported, never raised: the executor falls through to the next source.
+Executing one layer is one :meth:`PeerTransport.exchange` call on every participant: the
+receives this process makes, each with its candidate peer sources in the plan's order,
+and the sends the plan asks of it. The transport decides which candidates a receive may
+try, and reports per receive which one delivered or that none did (the executor then
+reads the disk). What a backend's kind allows:
 
-Peers find each other through a key-value store with the ``torch.distributed.Store``
-API (``set``/``get``/``check``/``add``; a ``TCPStore``, or the etcd store of the
-controller): :meth:`connect` publishes :meth:`endpoint` under
-``<prefix>/<epoch>/endpoint/<index>`` and peers read it when they first need it.
+- one-sided (:class:`OneSidedTransport`: NIXL, Mooncake): a read needs nothing from the
+  source process, so a failed read is retried from the next candidate, skipping peers
+  that failed earlier in the epoch; sends need no call (the readers fetch).
+- two-sided (:class:`TwoSidedTransport`: torch.distributed): the source must post a
+  matching send, and only a receive's first (planned) source posts one, so a receive
+  tries that candidate only, and this process posts every send asked of it.
+
+Each round of reads (one per candidate tried, at most) returns within about ``timeout``
+seconds even if a peer is dead or frozen; errors are reported, never raised.
+
+Store keys. :meth:`PeerTransport.connect` takes the epoch's own store (the executor hands
+every plan its own scope: see :mod:`elastic_ep.runtime.executor`) and writes, under the
+transport's ``prefix`` (default ``transport``)::
+
+    <prefix>/endpoint/<participant>   JSON: the weight table and the backend's metadata
+    <prefix>/pg/...                   the torch backend's process-group rendezvous
+
+Peers read an endpoint the first time they need it.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -37,9 +51,50 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PeerSource:
+    """A candidate source of a receive: slot ``slot`` of the current layer at participant
+    ``participant``: ``PeerSource(participant=2, slot=5)``."""
+
+    participant: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class Receive:
+    """One slot to stage: bytes ``[offset, offset + expert_bytes)`` of the staging buffer,
+    from the first of ``candidates`` (the plan's order) that delivers.
+
+    Example: slot 5 of participant 2, else slot 1 of participant 0, into the third
+    staged slot: ``Receive(offset=2 * eb, candidates=(PeerSource(2, 5), PeerSource(0, 1)))``.
+    """
+
+    offset: int
+    candidates: tuple[PeerSource, ...]
+
+
+@dataclass(frozen=True)
+class ReceiveOutcome:
+    """What became of one :class:`Receive`: ``delivered`` is the index into its
+    candidates of the one whose bytes arrived whole (None: none did, read the disk);
+    ``failures`` holds ``(candidate index, error)`` of each tried that failed, in order.
+
+    Example: candidate 0's peer died mid-read, candidate 1 delivered:
+    ``ReceiveOutcome(delivered=1, failures=((0, TransportError("..."),),))``, ``attempts == 2``.
+    """
+
+    delivered: int | None
+    failures: tuple[tuple[int, BaseException], ...] = ()
+
+    @property
+    def attempts(self) -> int:
+        return len(self.failures) + (self.delivered is not None)
+
+
+@dataclass(frozen=True)
 class PeerRead:
-    """Read slot ``src_slot`` of the current layer from participant ``src`` into staging
-    bytes ``[dst_offset, dst_offset + expert_bytes)``: ``PeerRead(src=2, src_slot=5, dst_offset=0)``."""
+    """One read of a round (:meth:`PeerTransport.transfer`): slot ``src_slot`` of the
+    current layer from participant ``src`` into staging bytes
+    ``[dst_offset, dst_offset + expert_bytes)``: ``PeerRead(src=2, src_slot=5, dst_offset=0)``."""
 
     src: int
     src_slot: int
@@ -48,11 +103,25 @@ class PeerRead:
 
 @dataclass(frozen=True)
 class PeerSend:
-    """Send slot ``src_slot`` of the current layer to participant ``dst`` (two-sided
-    transports only): ``PeerSend(dst=0, src_slot=5)``."""
+    """Send slot ``src_slot`` of the current layer to participant ``dst`` (what a
+    two-sided transport posts for a peer's read): ``PeerSend(dst=0, src_slot=5)``."""
 
     dst: int
     src_slot: int
+
+
+@dataclass
+class _Tries:
+    """One receive's progress inside :meth:`PeerTransport.exchange`: ``start`` is the first
+    candidate index not tried yet; ``done`` once it delivered or has nothing left to try."""
+
+    start: int = 0
+    delivered: int | None = None
+    failures: list[tuple[int, BaseException]] = field(default_factory=list)
+    done: bool = False
+
+    def outcome(self) -> ReceiveOutcome:
+        return ReceiveOutcome(self.delivered, tuple(self.failures))
 
 
 @dataclass(frozen=True)
@@ -151,19 +220,21 @@ def wait_for_key(store: Any, key: str, deadline: float, poll_s: float = 0.005) -
 class PeerTransport(ABC):
     """Moves packed expert slots between participants. Lifecycle::
 
-        t.register_weights(weights)            # once per process
-        t.connect(epoch, me, world, store)     # per epoch; publishes the endpoint
-        t.register_staging(staging)            # per epoch, before the first exchange
-        outcomes = t.exchange(layer, reads, sends, timeout)   # per layer
+        t.register_weights(weights)                  # once per process
+        t.connect(epoch, me, world, store)           # per epoch; publishes the endpoint
+        t.register_staging(staging)                  # per epoch, before the first exchange
+        outcomes = t.exchange(layer, receives, sends, timeout)   # per layer
+        t.close_epoch()                              # (connect closes the previous one)
         t.close()
+
+    :meth:`exchange` runs rounds of :meth:`transfer` (the backend's one verb: post a
+    round's reads and sends, wait for them) over the candidates that
+    :meth:`_next_candidate` allows, until every receive delivered or has none left.
     """
 
     name: ClassVar[str]
-    one_sided: ClassVar[bool]
-    """True: a read needs nothing from the source process, so a failed read can be
-    retried from another peer. False: the source must post a matching send."""
 
-    def __init__(self, layout: ExpertLayout, prefix: str = "elastic-ep/transport") -> None:
+    def __init__(self, layout: ExpertLayout, prefix: str = "transport") -> None:
         self.layout = layout
         self.prefix = prefix
         self.table: WeightTable | None = None
@@ -174,7 +245,12 @@ class PeerTransport(ABC):
         self.world = 0
         self.staging_poisoned = False
         """Set by a backend when an abandoned operation may still write into the
-        staging buffer (a peer timed out mid-read); the executor then moves to a new one."""
+        staging buffer (a peer timed out mid-read); :meth:`exchange` then moves on to a
+        fresh buffer (see :meth:`_retire_poisoned_staging`)."""
+        self.retired_staging: list[torch.Tensor] = []
+        """Staging buffers left because an abandoned operation may still write there;
+        kept alive (their memory must not be reused) until the next epoch's connect."""
+        self._failed: dict[int, str] = {}  # participant -> why a read from it failed, this epoch
 
     # -- registration ------------------------------------------------------------------
     def register_weights(self, weights: Sequence[LayerWeights]) -> None:
@@ -197,19 +273,21 @@ class PeerTransport(ABC):
 
     def connect(self, epoch: int, me: int, world: int, store: Any, timeout: float = 30.0) -> None:
         """Join epoch ``epoch`` as participant ``me`` of ``world``: publish this process's
-        endpoint; peers are contacted lazily (a dead peer costs only its readers)."""
+        endpoint in ``store``, the epoch's own (its keys are not shared with another
+        epoch); peers are contacted lazily (a dead peer costs only its readers)."""
         if self.table is None:
             raise ConfigError(f"{self.name}: register_weights before connect")
         if not 0 <= me < world:
             raise ConfigError(f"participant {me} outside 0..{world - 1}")
         self.close_epoch()
+        self.retired_staging.clear()  # the previous epoch's abandoned operations are closed
         self.epoch, self.me, self.world, self.store = epoch, me, world, store
         endpoint = {"table": self.table.to_dict(), **self.endpoint()}
         store.set(self.endpoint_key(me), json.dumps(endpoint))
         self._connect(timeout)
 
     def endpoint_key(self, index: int) -> str:
-        return f"{self.prefix}/{self.epoch}/endpoint/{index}"
+        return f"{self.prefix}/endpoint/{index}"
 
     def peer_endpoint(self, index: int, deadline: float) -> dict[str, Any]:
         """A peer's published endpoint (with its ``table``), waiting until ``deadline``."""
@@ -220,6 +298,97 @@ class PeerTransport(ABC):
         except (ValueError, KeyError, TypeError) as e:
             raise TransportError(f"participant {index}: malformed endpoint {raw[:200]!r}: {e}") from e
         return d
+
+    # -- the per-layer verb ------------------------------------------------------------
+    def exchange(
+        self, layer: int, receives: Sequence[Receive], sends: Sequence[PeerSend], timeout: float
+    ) -> list[ReceiveOutcome]:
+        """Carry out this participant's part of one layer: fill each receive's staging
+        bytes from a candidate this kind of transport may try, post the sends it needs.
+        Returns one :class:`ReceiveOutcome` per receive; each round of reads (at most one
+        per candidate) returns within about ``timeout`` seconds.
+
+        Example (one-sided; participant 2 died)::
+
+            t.exchange(3, [Receive(0, (PeerSource(2, 5), PeerSource(0, 1)))], [], 10.0)
+            -> [ReceiveOutcome(delivered=1, failures=((0, TransportError(...)),))]
+
+        A two-sided transport tries candidate 0 only: ``[ReceiveOutcome(None, ((0, ...),))]``.
+        """
+        tries = [_Tries() for _ in receives]
+        sends_left = self._sends_to_post(sends)  # posted with the first round only
+        while True:
+            batch = self._next_round(receives, tries)
+            if not batch and not sends_left:
+                break
+            reads = [
+                PeerRead(receives[i].candidates[k].participant, receives[i].candidates[k].slot, receives[i].offset)
+                for i, k in batch
+            ]
+            errors = self.transfer(layer, reads, sends_left, timeout)
+            sends_left = []
+            self._retire_poisoned_staging()
+            self._note_round(receives, tries, batch, errors)
+        return [t.outcome() for t in tries]
+
+    def _next_round(self, receives: Sequence[Receive], tries: list[_Tries]) -> list[tuple[int, int]]:
+        """``(receive index, candidate index)`` of every read of the next round."""
+        batch = []
+        for i, (r, t) in enumerate(zip(receives, tries)):
+            if t.done:
+                continue
+            k = self._next_candidate(r, t.start)
+            if k is None:
+                t.done = True
+            else:
+                batch.append((i, k))
+        return batch
+
+    def _note_round(
+        self,
+        receives: Sequence[Receive],
+        tries: list[_Tries],
+        batch: list[tuple[int, int]],
+        errors: Sequence[BaseException | None],
+    ) -> None:
+        for (i, k), err in zip(batch, errors):
+            t = tries[i]
+            if err is None:
+                t.delivered, t.done = k, True
+                continue
+            t.failures.append((k, err))
+            t.start = k + 1
+            self._fail_peer(receives[i].candidates[k].participant, str(err))
+
+    def _retire_poisoned_staging(self) -> None:
+        """An abandoned operation may still land in the staging buffer: keep that buffer
+        alive (so its memory is not reused) and go on in a registered copy of it. Reads
+        that landed whole are in the copy; the abandoned ones' slots are read again."""
+        if not self.staging_poisoned or self.staging is None:
+            return
+        old = self.staging
+        self.retired_staging.append(old)
+        self.register_staging(old.clone())
+
+    def held_staging_bytes(self) -> int:
+        """Staging memory held now: the current buffer and the retired ones."""
+        current = self.staging.numel() if self.staging is not None else 0
+        return current + sum(t.numel() for t in self.retired_staging)
+
+    def _fail_peer(self, peer: int, reason: str) -> None:
+        if peer not in self._failed:
+            log.warning("epoch %d participant %d: %s peer %d failed: %s", self.epoch, self.me, self.name, peer, reason)
+            self._failed[peer] = reason
+
+    # -- what each kind of transport decides -------------------------------------------
+    @abstractmethod
+    def _next_candidate(self, receive: Receive, start: int) -> int | None:
+        """The index of the candidate of ``receive`` to try next, at or after ``start``
+        (the candidates before it were tried); None: no peer is left, read the disk."""
+
+    @abstractmethod
+    def _sends_to_post(self, sends: Sequence[PeerSend]) -> list[PeerSend]:
+        """Of the sends the plan asks of this process, those it must post itself."""
 
     # -- what each backend provides ------------------------------------------------------
     @abstractmethod
@@ -242,16 +411,16 @@ class PeerTransport(ABC):
         """Per-epoch setup after the endpoint is published."""
 
     @abstractmethod
-    def exchange(
+    def transfer(
         self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
     ) -> list[BaseException | None]:
-        """Carry out this participant's part of one layer: fill the staging bytes of each
-        read, post each send. Returns one entry per read, ``None`` when its bytes
-        arrived whole, else the error; returns within about ``timeout`` seconds even if a
-        peer is dead or frozen."""
+        """One round: fill the staging bytes of each read, post each send. Returns one
+        entry per read, ``None`` when its bytes arrived whole, else the error; returns
+        within about ``timeout`` seconds even if a peer is dead or frozen."""
 
     def close_epoch(self) -> None:
-        """Drop per-epoch state (peer connections, process groups)."""
+        """Drop per-epoch state (peer connections, process groups, failed peers)."""
+        self._failed.clear()
 
     def close(self) -> None:
         """Release everything; the transport cannot be used after."""
@@ -261,72 +430,245 @@ class PeerTransport(ABC):
             self.staging = None
 
 
+class TwoSidedTransport(PeerTransport):
+    """A transport whose reads need the source to post a matching send (torch.distributed).
+
+    Only a receive's planned (first) source posts a send for it, so a receive tries its
+    first candidate only, and a failed read goes straight to disk; this process posts,
+    in the layer's first round, every send the plan asks of it."""
+
+    def _next_candidate(self, receive: Receive, start: int) -> int | None:
+        return 0 if start == 0 and receive.candidates else None
+
+    def _sends_to_post(self, sends: Sequence[PeerSend]) -> list[PeerSend]:
+        return list(sends)
+
+
+@dataclass(frozen=True)
+class OpenPeer:
+    """A peer a one-sided transport has opened this epoch: its weight ``table`` and the
+    backend's ``handle`` for it (NIXL: its loaded agent and rows; Mooncake: its session)."""
+
+    table: WeightTable
+    handle: Any
+
+
+@dataclass
+class PeerReadOp:
+    """A backend's operation in flight for one peer in one round: ``reads``, the indices
+    (into the round's reads) of everything it fetches from participant ``peer``."""
+
+    peer: int
+    reads: list[int]
+
+
+@dataclass
+class ReadRound:
+    """One :meth:`OneSidedTransport.transfer` call: ``reads`` [n] and ``out`` [n], their
+    outcomes so far (None: arrived, or not settled yet); ``deadline`` is a
+    ``time.monotonic()`` value, ``timeout`` the round's length; ``state`` is what the
+    backend's :meth:`~OneSidedTransport._begin` returned (NIXL: the staging descriptors)."""
+
+    layer: int
+    reads: Sequence[PeerRead]
+    out: list[BaseException | None]
+    deadline: float
+    timeout: float
+    state: Any = None
+
 
 class OneSidedTransport(PeerTransport):
     """A transport whose reads need nothing from the source process (NIXL, Mooncake).
 
-    :meth:`exchange` checks the reads, copies this process's own slots, fails reads
-    from peers that already failed this epoch, and hands the rest, grouped by peer, to
-    :meth:`_read`, which calls :meth:`_fail_peer` for a peer that fails."""
+    :meth:`transfer` checks the reads, copies this process's own slots and fails reads
+    from peers that already failed this epoch. The rest it reads per peer: once the
+    peer's endpoint is published (looked at, never waited on, so a silent peer holds up
+    no other) the peer is opened once per epoch (:meth:`_open_peer`), its reads are checked
+    against its table and started as one backend operation (:meth:`_start`), which is
+    polled (:meth:`_poll`) until it settles or the deadline, where it is abandoned
+    (:meth:`_abandon`) and peers that never published are failed. A peer that fails is
+    remembered as failed for the epoch.
+    """
 
-    one_sided = True
+    poll_s: float = 0.001  # the longest sleep between polls of the operations
 
-    def __init__(self, layout: ExpertLayout, prefix: str = "elastic-ep/transport") -> None:
+    def __init__(self, layout: ExpertLayout, prefix: str = "transport") -> None:
         super().__init__(layout, prefix)
-        self._failed: dict[int, str] = {}  # participant -> why, for this epoch
+        self._peers: dict[int, OpenPeer] = {}  # this epoch's opened peers
 
-    def exchange(
+    def _next_candidate(self, receive: Receive, start: int) -> int | None:
+        for k in range(start, len(receive.candidates)):
+            if receive.candidates[k].participant not in self._failed:
+                return k
+        return None
+
+    def _sends_to_post(self, sends: Sequence[PeerSend]) -> list[PeerSend]:
+        return []  # the readers fetch what they need; the source posts nothing
+
+    def transfer(
         self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
     ) -> list[BaseException | None]:
+        if sends:
+            raise NotImplementedError(f"{self.name} is one-sided: a source posts no sends; the readers fetch")
+        self._check_reads(layer, reads)
+        rnd = ReadRound(layer, reads, [None] * len(reads), time.monotonic() + timeout, timeout)
+        by_peer = self._sort_reads(rnd)
+        if by_peer:
+            self._read_peers(rnd, by_peer)
+        return rnd.out
+
+    def _check_reads(self, layer: int, reads: Sequence[PeerRead]) -> None:
         if self.staging is None or self.table is None or self.store is None:
-            raise ConfigError(f"{self.name} transport: register_weights, connect and register_staging before exchange")
-        deadline = time.monotonic() + timeout
-        eb = self.layout.expert_bytes
+            raise ConfigError(f"{self.name} transport: register_weights, connect and register_staging before transfer")
         if not 0 <= layer < len(self.table.bases):
             raise ConfigError(f"layer {layer} outside the {len(self.table.bases)} registered layers")
+        eb = self.layout.expert_bytes
         for r in reads:
             if not 0 <= r.dst_offset <= self.staging.numel() - eb:
                 raise ConfigError(
                     f"layer {layer}: read {r} writes bytes {r.dst_offset}..{r.dst_offset + eb}, "
                     f"outside the {self.staging.numel()}-byte staging buffer"
                 )
-        out: list[BaseException | None] = [None] * len(reads)
-        by_peer: dict[int, list[int]] = {}
-        for i, r in enumerate(reads):
+
+    def _sort_reads(self, rnd: ReadRound) -> dict[int, list[int]]:
+        """Settle the reads that need no peer; the others' indices by peer."""
+        assert self.staging is not None
+        eb, by_peer = self.layout.expert_bytes, {}
+        for i, r in enumerate(rnd.reads):
             if r.src == self.me:  # no transfer needed: copy the own slot
-                self.layout.pack_slot(self.weights[layer], r.src_slot, out=self.staging[r.dst_offset : r.dst_offset + eb])
+                self.layout.pack_slot(self.weights[rnd.layer], r.src_slot, out=self.staging[r.dst_offset : r.dst_offset + eb])
             elif not 0 <= r.src < self.world:
-                out[i] = ConfigError(f"layer {layer}: read {r} from outside participants 0..{self.world - 1}")
+                rnd.out[i] = ConfigError(f"layer {rnd.layer}: read {r} from outside participants 0..{self.world - 1}")
             elif r.src in self._failed:
-                out[i] = self._error(r.src, layer, f"failed earlier in epoch {self.epoch} ({self._failed[r.src]})")
+                rnd.out[i] = self._error(r.src, rnd.layer, f"failed earlier in epoch {self.epoch} ({self._failed[r.src]})")
             else:
                 by_peer.setdefault(r.src, []).append(i)
-        if by_peer:
-            self._read(layer, reads, by_peer, out, deadline)
-        return out
+        return by_peer
 
-    @abstractmethod
-    def _read(
-        self,
-        layer: int,
-        reads: Sequence[PeerRead],
-        by_peer: dict[int, list[int]],
-        out: list[BaseException | None],
-        deadline: float,
-    ) -> None:
-        """Read ``reads[i]`` for every ``i`` in ``by_peer[peer]``, setting ``out[i]`` to an
-        error for each that fails; return by ``deadline`` (``time.monotonic()``)."""
+    def _read_peers(self, rnd: ReadRound, by_peer: dict[int, list[int]]) -> None:
+        try:
+            rnd.state = self._begin(rnd)
+        except TransportError as e:  # nothing was posted: not any peer's fault
+            for idx in by_peer.values():
+                for i in idx:
+                    rnd.out[i] = e
+            return
+        waiting = dict(by_peer)  # peers whose endpoint has not been seen yet
+        running: list[PeerReadOp] = []
+        poll = 0.0001
+        try:
+            while True:
+                running += self._start_published(rnd, waiting)
+                running = [op for op in running if not self._settle(rnd, op)]
+                if not waiting and not running:
+                    return
+                if time.monotonic() >= rnd.deadline:
+                    self._give_up(rnd, waiting, running)
+                    return
+                time.sleep(poll)
+                poll = min(poll * 2, self.poll_s)
+        finally:
+            self._end(rnd)
+
+    def _start_published(self, rnd: ReadRound, waiting: dict[int, list[int]]) -> list[PeerReadOp]:
+        """Start the reads of every waiting peer whose endpoint is known by now."""
+        started = []
+        for p, idx in list(waiting.items()):
+            # Look, never wait: a peer that has not published must not hold up the others.
+            if p not in self._peers and not self.store.check([self.endpoint_key(p)]):
+                continue
+            del waiting[p]
+            try:
+                peer = self._open(p, rnd.deadline)
+            except TransportError as e:  # e.g. a dead peer: the backend cannot reach it
+                self._fail_reads(rnd, p, idx, str(e))
+                continue
+            idx = self._in_table(rnd, p, peer.table, idx)
+            if idx:
+                started.append(self._start(rnd, p, peer, idx))
+        return started
+
+    def _open(self, index: int, deadline: float) -> OpenPeer:
+        """The peer opened this epoch, opening it on first use (raises TransportError)."""
+        peer = self._peers.get(index)
+        if peer is not None:
+            return peer
+        ep = self.peer_endpoint(index, deadline)
+        table: WeightTable = ep["table"]
+        mine = tuple(t.row_bytes for t in self.layout.tensors)
+        if table.row_bytes != mine:
+            raise TransportError(
+                f"participant {index} serves rows of {list(table.row_bytes)} bytes, this layout {list(mine)}"
+            )
+        peer = self._peers[index] = OpenPeer(table, self._open_peer(index, ep))
+        return peer
+
+    def _in_table(self, rnd: ReadRound, peer: int, table: WeightTable, idx: list[int]) -> list[int]:
+        """Those of ``idx`` whose slot the peer has; the others get a ConfigError."""
+        slots, layers = table.slots_per_rank, len(table.bases)
+        ok = []
+        for i in idx:
+            if rnd.layer < layers and 0 <= rnd.reads[i].src_slot < slots:
+                ok.append(i)
+            else:
+                rnd.out[i] = ConfigError(
+                    f"layer {rnd.layer}: {rnd.reads[i]} outside participant {peer}'s {layers} layers x {slots} slots"
+                )
+        return ok
+
+    def _settle(self, rnd: ReadRound, op: PeerReadOp) -> bool:
+        """True once ``op`` ended (its reads failed if it failed)."""
+        settled, why = self._poll(op)
+        if settled and why is not None:
+            self._fail_reads(rnd, op.peer, op.reads, why)
+        return settled
+
+    def _give_up(self, rnd: ReadRound, waiting: dict[int, list[int]], running: list[PeerReadOp]) -> None:
+        for op in running:
+            self._fail_reads(rnd, op.peer, op.reads, self._abandon(rnd, op))
+        for p, idx in waiting.items():
+            self._fail_reads(rnd, p, idx, f"no endpoint under {self.endpoint_key(p)!r} in time; is it alive?")
+
+    def _fail_reads(self, rnd: ReadRound, peer: int, idx: Sequence[int], reason: str) -> None:
+        self._fail_peer(peer, reason)
+        for i in idx:
+            rnd.out[i] = self._error(peer, rnd.layer, reason)
 
     def _error(self, peer: int, layer: int, reason: str) -> TransportError:
         return TransportError(f"epoch {self.epoch} layer {layer}: read from participant {peer} failed: {reason}")
 
-    def _fail_peer(self, peer: int, reason: str) -> None:
-        if peer not in self._failed:
-            log.warning("epoch %d participant %d: %s peer %d failed: %s", self.epoch, self.me, self.name, peer, reason)
-            self._failed[peer] = reason
+    # -- what each one-sided backend provides --------------------------------------------
+    @abstractmethod
+    def _open_peer(self, index: int, endpoint: dict[str, Any]) -> Any:
+        """The backend's handle for a peer from its published ``endpoint`` (whose
+        ``table`` is checked already); raises TransportError."""
+
+    def _begin(self, rnd: ReadRound) -> Any:
+        """Per-round setup before any read starts (stored in ``rnd.state``); raises
+        TransportError to fail every read of the round."""
+        return None
+
+    @abstractmethod
+    def _start(self, rnd: ReadRound, peer: int, open_peer: OpenPeer, idx: list[int]) -> PeerReadOp:
+        """Start one operation reading ``rnd.reads[i]`` for every ``i`` in ``idx`` from
+        ``peer``; a failure to start is reported by :meth:`_poll`."""
+
+    @abstractmethod
+    def _poll(self, op: PeerReadOp) -> tuple[bool, str | None]:
+        """``(settled, why it failed or None)``; releases what a settled ``op`` held and
+        sets ``staging_poisoned`` if a failed one may have written part of staging."""
+
+    @abstractmethod
+    def _abandon(self, rnd: ReadRound, op: PeerReadOp) -> str:
+        """Stop waiting for ``op`` at the deadline (cancel it where the backend can, set
+        ``staging_poisoned`` if it may still write); returns why its reads failed."""
+
+    def _end(self, rnd: ReadRound) -> None:
+        """Per-round teardown, after every operation settled or was abandoned."""
 
     def close_epoch(self) -> None:
-        self._failed.clear()
+        self._peers.clear()
+        super().close_epoch()
 
 
 _BACKENDS: dict[str, Callable[..., PeerTransport]] = {}

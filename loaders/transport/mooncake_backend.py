@@ -8,7 +8,7 @@ the peer's :class:`~loaders.transport.WeightTable` and posts one batch read per 
 peer; the source process does nothing. Batches to different peers run at once, each
 in its own thread (the engine's blocking calls release the GIL).
 
-Failure contract: :meth:`MooncakeTransport.exchange` never raises for a peer's fault
+Failure contract: :meth:`MooncakeTransport.transfer` never raises for a peer's fault
 and returns within about ``timeout`` seconds. A peer that dies, never publishes its
 endpoint, or does not answer in time fails its reads and is remembered as failed for
 the epoch, so later reads from it fail at once. The engine reports errors as return
@@ -37,16 +37,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from elastic_ep.errors import ConfigError, TransportError
 
 from loaders.layout import ExpertLayout
-from loaders.transport import OneSidedTransport, PeerRead, WeightTable, register_backend
+from loaders.transport import OneSidedTransport, register_backend
+from loaders.transport.base import OpenPeer, PeerReadOp, ReadRound
 
 # Before mooncake is imported: its logging reads the level then; the TCP timeouts are
 # read per transfer. A stuck TCP transfer fails inside the transport after
@@ -71,15 +71,13 @@ PROTOCOLS = ("tcp", "rdma", "nvlink")
 
 
 @dataclass
-class _Batch:
-    """One batch read: every segment this exchange wants from participant ``peer``.
+class _Batch(PeerReadOp):
+    """One batch read: every segment this round wants from participant ``peer``.
     The worker thread sets ``step`` before each engine call and ``rc``/``finished``
     after the last; ``lock`` orders its start of the read against the caller giving
     up at the deadline (``abandoned``), so a read is either posted and known or never."""
 
-    peer: int
     session: str
-    reads: list[int]  # indices into the exchange's reads
     local: list[int]
     remote: list[int]
     lengths: list[int]
@@ -99,12 +97,11 @@ class MooncakeTransport(OneSidedTransport):
     ``device_name`` (comma-separated RDMA devices; empty: all)."""
 
     name = "mooncake"
-    one_sided = True
 
     def __init__(
         self,
         layout: ExpertLayout,
-        prefix: str = "elastic-ep/transport",
+        prefix: str = "transport",
         *,
         host: str = "127.0.0.1",
         protocol: str = "tcp",
@@ -126,7 +123,6 @@ class MooncakeTransport(OneSidedTransport):
         self.session = f"{host}:{self.engine.get_rpc_port()}"
         self._weight_addrs: list[int] = []
         self._staging_addr: int | None = None
-        self._endpoints: dict[int, dict[str, Any]] = {}  # participant -> endpoint, this epoch
         self._contacted: set[str] = set()  # sessions the engine has read from (handshake done)
         self._inflight: list[_Batch] = []  # abandoned batches still running
 
@@ -169,110 +165,61 @@ class MooncakeTransport(OneSidedTransport):
     def endpoint(self) -> dict[str, Any]:
         return {"session": self.session, "protocol": self.protocol}
 
-    # -- the exchange ------------------------------------------------------------------
-    def _read(
-        self,
-        layer: int,
-        reads: Sequence[PeerRead],
-        by_peer: dict[int, list[int]],
-        out: list[BaseException | None],
-        deadline: float,
-    ) -> None:
-        timeout = max(0.0, deadline - time.monotonic())
+    # -- one round ---------------------------------------------------------------------
+    def _open_peer(self, index: int, endpoint: dict[str, Any]) -> str:
+        """The peer's session, once its protocol is known to be ours."""
+        try:
+            session, protocol = str(endpoint["session"]), str(endpoint["protocol"])
+        except KeyError as e:
+            raise TransportError(f"participant {index}: mooncake endpoint without {e}") from e
+        if protocol != self.protocol:
+            raise TransportError(f"participant {index} speaks mooncake {protocol!r}, this process {self.protocol!r}")
+        return session
+
+    def _begin(self, rnd: ReadRound) -> None:
         self._inflight = [b for b in self._inflight if not b.finished]
 
-        def fail(peer: int, idx: list[int], reason: str) -> None:
-            self._fail_peer(peer, reason)
-            for i in idx:
-                out[i] = self._error(peer, layer, reason)
-
-        started: list[_Batch] = []
-        waiting = dict(by_peer)  # peers whose endpoint has not been seen yet
-        poll = 0.001
-        while waiting:
-            for p, idx in list(waiting.items()):
-                # Look, never wait: a peer that has not published must not hold up the others.
-                if p not in self._endpoints and not self.store.check([self.endpoint_key(p)]):
-                    if time.monotonic() >= deadline:
-                        del waiting[p]
-                        fail(p, idx, f"no endpoint under {self.endpoint_key(p)!r} in time; is it alive?")
-                    continue
-                del waiting[p]
-                try:
-                    batch = self._batch(p, layer, reads, idx, deadline, out)
-                except TransportError as e:
-                    fail(p, idx, str(e))
-                    continue
-                if batch is not None:
-                    batch.thread = threading.Thread(
-                        target=self._worker, args=(batch,), name=f"mooncake-read-{p}", daemon=True
-                    )
-                    batch.thread.start()
-                    started.append(batch)
-            if waiting:
-                time.sleep(poll)
-                poll = min(poll * 2, 0.02)
-        for b in started:
-            assert b.thread is not None
-            b.thread.join(max(0.0, deadline - time.monotonic()))
-            with b.lock:
-                b.abandoned = not b.finished
-            if b.abandoned:
-                # The thread finishes in the background (the engine's own bounds end
-                # it) and holds the staging tensor until then. A read already posted
-                # may still land, so the executor must move to a new buffer; a thread
-                # not that far sees ``abandoned`` and posts nothing.
-                self._inflight.append(b)
-                if b.step == "read":
-                    self.staging_poisoned = True
-                what = "read" if b.step == "read" else "handshake probe"
-                fail(b.peer, b.reads, f"{what} not answered within {timeout:.3g} s (peer frozen or too slow); abandoned")
-            elif b.step == "probe":
-                fail(b.peer, b.reads, f"no answer to the handshake probe of {b.session} (rc {b.rc}); is it alive?")
-            elif b.rc != 0:
-                # One code for the whole batch: the engine reports failure as soon as one
-                # request fails, while others may still be landing; none can be trusted.
-                self.staging_poisoned = True
-                fail(b.peer, b.reads, f"batch read of {len(b.lengths)} segments from {b.session} failed: rc {b.rc}")
-
-    def _batch(
-        self, peer: int, layer: int, reads: Sequence[PeerRead], idx: list[int], deadline: float, out: list[BaseException | None]
-    ) -> _Batch | None:
-        """The batch of ``idx`` from ``peer``, or None if none of them is in its table
-        (those get a ConfigError in ``out``). Raises TransportError for a bad endpoint."""
-        assert self.table is not None and self.staging is not None
-        ep = self._endpoints.get(peer)
-        if ep is None:
-            ep = self.peer_endpoint(peer, deadline)
-            try:
-                session, protocol = str(ep["session"]), str(ep["protocol"])
-            except KeyError as e:
-                raise TransportError(f"participant {peer}: mooncake endpoint without {e}") from e
-            if protocol != self.protocol:
-                raise TransportError(f"participant {peer} speaks mooncake {protocol!r}, this process {self.protocol!r}")
-            table: WeightTable = ep["table"]
-            if table.row_bytes != self.table.row_bytes:
-                raise TransportError(
-                    f"participant {peer} serves rows of {list(table.row_bytes)} bytes, this layout "
-                    f"{list(self.table.row_bytes)}"
-                )
-            ep = self._endpoints[peer] = {"session": session, "table": table}
-        table = ep["table"]
+    def _start(self, rnd: ReadRound, peer: int, open_peer: OpenPeer, idx: list[int]) -> _Batch:
+        """The batch of ``idx`` from ``peer``, read by a thread of its own."""
+        assert self.staging is not None
         base = self.staging.data_ptr()
-        batch = _Batch(peer, ep["session"], [], [], [], [], self.staging)
+        b = _Batch(peer, list(idx), open_peer.handle, [], [], [], self.staging)
         for i in idx:
-            r = reads[i]
-            try:
-                segments = table.segments(layer, r.src_slot)
-            except ConfigError as e:
-                out[i] = ConfigError(f"layer {layer}: {r}: {e} of participant {peer}")
-                continue
-            batch.reads.append(i)
-            for s in segments:
-                batch.local.append(base + r.dst_offset + s.offset)
-                batch.remote.append(s.addr)
-                batch.lengths.append(s.nbytes)
-        return batch if batch.reads else None
+            r = rnd.reads[i]
+            for s in open_peer.table.segments(rnd.layer, r.src_slot):
+                b.local.append(base + r.dst_offset + s.offset)
+                b.remote.append(s.addr)
+                b.lengths.append(s.nbytes)
+        b.thread = threading.Thread(target=self._worker, args=(b,), name=f"mooncake-read-{peer}", daemon=True)
+        b.thread.start()
+        return b
+
+    def _poll(self, op: PeerReadOp) -> tuple[bool, str | None]:
+        assert isinstance(op, _Batch)
+        if not op.finished:
+            return False, None
+        if op.step == "probe":
+            return True, f"no answer to the handshake probe of {op.session} (rc {op.rc}); is it alive?"
+        if op.rc != 0:
+            # One code for the whole batch: the engine reports failure as soon as one
+            # request fails, while others may still be landing; none can be trusted.
+            self.staging_poisoned = True
+            return True, f"batch read of {len(op.lengths)} segments from {op.session} failed: rc {op.rc}"
+        return True, None
+
+    def _abandon(self, rnd: ReadRound, op: PeerReadOp) -> str:
+        # The thread finishes in the background (the engine's own bounds end it) and
+        # holds the staging tensor until then. A read already posted may still land, so
+        # the executor must move to a new buffer; a thread not that far sees
+        # ``abandoned`` and posts nothing.
+        assert isinstance(op, _Batch)
+        with op.lock:
+            op.abandoned = True
+        self._inflight.append(op)
+        if op.step == "read":
+            self.staging_poisoned = True
+        what = "read" if op.step == "read" else "handshake probe"
+        return f"{what} not answered within {rnd.timeout:.3g} s (peer frozen or too slow); abandoned"
 
     def _worker(self, b: _Batch) -> None:
         try:
@@ -301,10 +248,6 @@ class MooncakeTransport(OneSidedTransport):
                 b.finished = True
 
     # -- teardown ----------------------------------------------------------------------
-    def close_epoch(self) -> None:
-        self._endpoints.clear()
-        super().close_epoch()
-
     def close(self) -> None:
         """Unregister everything. Abandoned reads still running keep the engine and
         their staging tensor alive (their threads hold both) until they end."""

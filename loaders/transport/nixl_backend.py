@@ -8,7 +8,7 @@ that peer's slot rows (index ``(layer * slots_per_rank + slot) * n_tensors + ten
 and, per layer, posts one READ per source peer gathering every segment it wants from
 that peer straight into its staging buffer. The source process does nothing.
 
-Failure contract: :meth:`NixlTransport.exchange` never raises for a peer's fault and
+Failure contract: :meth:`NixlTransport.transfer` never raises for a peer's fault and
 returns within about ``timeout`` seconds. A peer that dies, never publishes its
 endpoint, or does not finish in time fails its reads and is remembered as failed for
 the epoch, so later reads from it fail at once. A read still in flight at the deadline
@@ -32,9 +32,8 @@ import base64
 import importlib
 import logging
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 from uuid import uuid4
 
 import numpy as np
@@ -43,7 +42,8 @@ import torch
 from elastic_ep.errors import ConfigError, TransportError
 
 from loaders.layout import ExpertLayout
-from loaders.transport import OneSidedTransport, PeerRead, WeightTable, register_backend
+from loaders.transport import OneSidedTransport, WeightTable, register_backend
+from loaders.transport.base import OpenPeer, PeerReadOp, ReadRound
 
 # Before nixl is imported: its Python logger and the C++ core read this once.
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -125,18 +125,18 @@ class _Peer:
     ``dlist`` index of (layer, slot, tensor) is ``(layer * slots + slot) * tensors + tensor``."""
 
     agent: str
-    table: WeightTable
     dlist: Any
 
 
 @dataclass
-class _Xfer:
-    """One READ: every segment this exchange reads from participant ``peer``."""
+class _Xfer(PeerReadOp):
+    """One READ: every segment this round reads from participant ``peer``. ``state`` is
+    what posting it said ("PROC": in flight, "DONE", or why it failed)."""
 
-    peer: int
     remote: _Peer
-    handle: Any
-    reads: list[int]  # indices into the exchange's reads
+    local: Any  # the round's staging descriptors
+    handle: Any = None
+    state: str = ""
 
 
 @dataclass
@@ -157,12 +157,11 @@ class NixlTransport(OneSidedTransport):
     ``progress_delay_us``, see :func:`_new_agent`."""
 
     name = "nixl"
-    one_sided = True
 
     def __init__(
         self,
         layout: ExpertLayout,
-        prefix: str = "elastic-ep/transport",
+        prefix: str = "transport",
         poll_s: float = 0.001,
         progress_delay_us: int = 1000,
     ) -> None:
@@ -178,7 +177,6 @@ class NixlTransport(OneSidedTransport):
             )
         self._weight_descs: Any = None
         self._staging_descs: Any = None
-        self._peers: dict[int, _Peer] = {}
         self._abandoned: list[_Abandoned] = []
         self._kept_agents: set[str] = set()  # remote agents not removed at close_epoch
         self._retired: list[tuple[Any, torch.Tensor]] = []  # registered staging an abandoned xfer targets
@@ -229,32 +227,15 @@ class NixlTransport(OneSidedTransport):
         return {"agent": self.agent_name, "metadata": base64.b64encode(self.agent.get_agent_metadata()).decode()}
 
     # -- peers -------------------------------------------------------------------------
-    def _peer(self, index: int, deadline: float) -> _Peer:
-        """The peer's agent and prepared rows, loaded on first use (raises TransportError)."""
-        peer = self._peers.get(index)
-        if peer is not None:
-            return peer
-        ep = self.peer_endpoint(index, deadline)
-        table: WeightTable = ep["table"]
-        if table.row_bytes != tuple(t.row_bytes for t in self.layout.tensors):
-            raise TransportError(
-                f"participant {index} serves rows of {list(table.row_bytes)} bytes, this layout "
-                f"{[t.row_bytes for t in self.layout.tensors]}"
-            )
+    def _open_peer(self, index: int, endpoint: dict[str, Any]) -> _Peer:
+        """Load the peer's agent (unless still loaded) and prepare all its slot rows."""
         try:
-            metadata = base64.b64decode(ep["metadata"])
-            agent = str(ep["agent"])
+            metadata = base64.b64decode(endpoint["metadata"])
+            agent = str(endpoint["agent"])
         except (KeyError, TypeError, ValueError) as e:
             raise TransportError(f"participant {index}: malformed nixl endpoint: {e}") from e
-        if agent in self._kept_agents:  # still loaded from an earlier epoch
-            loaded = agent
-        else:
-            try:
-                loaded = self.agent.add_remote_agent(metadata)
-            except NIXL_ERRORS as e:
-                raise TransportError(f"participant {index}: loading agent {agent!r} failed: {_reason(e)}") from e
-            if isinstance(loaded, bytes):
-                loaded = loaded.decode()
+        loaded = agent if agent in self._kept_agents else self._load_agent(index, agent, metadata)
+        table: WeightTable = endpoint["table"]
         rows = [
             (s.addr, s.nbytes, table.device_id)
             for layer in range(len(table.bases))
@@ -268,8 +249,14 @@ class NixlTransport(OneSidedTransport):
         except NIXL_ERRORS as e:
             self._remove_agent(loaded)
             raise TransportError(f"participant {index}: preparing its {len(rows)} slot rows failed: {_reason(e)}") from e
-        peer = self._peers[index] = _Peer(loaded, table, dlist)
-        return peer
+        return _Peer(loaded, dlist)
+
+    def _load_agent(self, index: int, agent: str, metadata: bytes) -> str:
+        try:
+            loaded = self.agent.add_remote_agent(metadata)
+        except NIXL_ERRORS as e:
+            raise TransportError(f"participant {index}: loading agent {agent!r} failed: {_reason(e)}") from e
+        return loaded.decode() if isinstance(loaded, bytes) else loaded
 
     def _remove_agent(self, agent: str) -> None:
         try:
@@ -277,102 +264,64 @@ class NixlTransport(OneSidedTransport):
         except NIXL_ERRORS as e:
             log.warning("nixl: removing remote agent %s failed: %s", agent, _reason(e))
 
-    def _read(
-        self,
-        layer: int,
-        reads: Sequence[PeerRead],
-        by_peer: dict[int, list[int]],
-        out: list[BaseException | None],
-        deadline: float,
-    ) -> None:
+    # -- one round ---------------------------------------------------------------------
+    def _begin(self, rnd: ReadRound) -> Any:
+        """The local side: segment t of read i at index ``i * tensors + t``, prepared once
+        per round (the destinations change with every call; the remote rows do not)."""
         assert self.staging is not None
         offsets, sizes = self.layout.offsets, [t.row_bytes for t in self.layout.tensors]
-        nt = len(sizes)
-        # Local side: segment t of read i at index i * nt + t, prepared once per exchange
-        # (the destinations change with every call; the remote rows do not).
         base, dev = self.staging.data_ptr(), self.staging.device.index or 0
-        rows = [(base + r.dst_offset + offsets[t], sizes[t], dev) for r in reads for t in range(nt)]
+        rows = [(base + r.dst_offset + off, size, dev) for r in rnd.reads for off, size in zip(offsets, sizes)]
         try:
-            local = self.agent.prep_xfer_dlist(
+            return self.agent.prep_xfer_dlist(
                 "NIXL_INIT_AGENT", np.array(rows, dtype=np.uint64), _mem_type(self.staging.device.type), backends=[_BACKEND]
             )
         except NIXL_ERRORS as e:
-            for idx in by_peer.values():
-                for i in idx:
-                    out[i] = TransportError(f"epoch {self.epoch} layer {layer}: preparing staging descriptors failed: {_reason(e)}")
-            return
+            raise TransportError(f"epoch {self.epoch} layer {rnd.layer}: preparing staging descriptors failed: {_reason(e)}") from e
 
-        def fail(peer: int, idx: list[int], reason: str) -> None:
-            self._fail_peer(peer, reason)
-            for i in idx:
-                out[i] = self._error(peer, layer, reason)
-
-        waiting = dict(by_peer)  # peers whose endpoint has not been seen yet
-        posted: list[_Xfer] = []
-        poll = 0.0001
-        while True:
-            for p, idx in list(waiting.items()):
-                # Look, never wait: a peer that has not published must not hold up the others.
-                if p not in self._peers and not self.store.check([self.endpoint_key(p)]):
-                    continue
-                del waiting[p]
-                try:
-                    peer = self._peer(p, deadline)
-                except TransportError as e:  # e.g. a dead peer: UCX cannot connect to it
-                    fail(p, idx, str(e))
-                    continue
-                slots, nl = peer.table.slots_per_rank, len(peer.table.bases)
-                bad = {i for i in idx if not (layer < nl and 0 <= reads[i].src_slot < slots)}
-                for i in bad:
-                    out[i] = ConfigError(f"layer {layer}: {reads[i]} outside participant {p}'s {nl} layers x {slots} slots")
-                idx = [i for i in idx if i not in bad]
-                if not idx:
-                    continue
-                remote_idx = [(layer * slots + reads[i].src_slot) * nt + t for i in idx for t in range(nt)]
-                local_idx = [i * nt + t for i in idx for t in range(nt)]
-                x = _Xfer(p, peer, None, idx)
-                try:
-                    x.handle = self.agent.make_prepped_xfer("READ", local, local_idx, peer.dlist, remote_idx)
-                    state = self.agent.transfer(x.handle)
-                except NIXL_ERRORS as e:  # a peer known dead fails here, before anything moved
-                    state = _reason(e)
-                if state == "PROC":
-                    posted.append(x)
-                    continue
-                if state != "DONE":
-                    fail(p, idx, f"posting the read failed ({state})")
-                self._release(x, local, state)
-            for x in list(posted):
-                try:
-                    state = self.agent.check_xfer_state(x.handle)
-                except NIXL_ERRORS as e:  # nixlRemoteDisconnectError from a peer that died
-                    state = _reason(e)
-                if state == "PROC":
-                    continue
-                posted.remove(x)
-                if state != "DONE":
-                    # Posted and failed: parts of it may have landed or still be landing.
-                    self.staging_poisoned = True
-                    fail(x.peer, x.reads, f"transfer ended in {state}")
-                self._release(x, local, state)
-            if not posted and not waiting:
-                break
-            if time.monotonic() >= deadline:
-                for x in posted:
-                    self.staging_poisoned = True
-                    fail(x.peer, x.reads, "not complete before the deadline (peer frozen or too slow)")
-                    self._release(x, local, "timed out")
-                for p, idx in waiting.items():
-                    fail(p, idx, f"no endpoint under {self.endpoint_key(p)!r} in time; is it alive?")
-                break
-            time.sleep(poll)
-            poll = min(poll * 2, self.poll_s)
+    def _start(self, rnd: ReadRound, peer: int, open_peer: OpenPeer, idx: list[int]) -> _Xfer:
+        nt, slots = len(self.layout.tensors), open_peer.table.slots_per_rank
+        remote_idx = [(rnd.layer * slots + rnd.reads[i].src_slot) * nt + t for i in idx for t in range(nt)]
+        local_idx = [i * nt + t for i in idx for t in range(nt)]
+        x = _Xfer(peer, idx, open_peer.handle, rnd.state)
         try:
-            local.release()
+            x.handle = self.agent.make_prepped_xfer("READ", rnd.state, local_idx, open_peer.handle.dlist, remote_idx)
+            x.state = self.agent.transfer(x.handle)
+        except NIXL_ERRORS as e:  # a peer known dead fails here, before anything moved
+            x.state = _reason(e)
+        return x
+
+    def _poll(self, op: PeerReadOp) -> tuple[bool, str | None]:
+        assert isinstance(op, _Xfer)
+        if op.state != "PROC":  # settled when posted: nothing was left in flight
+            self._release(op, op.state)
+            return True, None if op.state == "DONE" else f"posting the read failed ({op.state})"
+        try:
+            state = self.agent.check_xfer_state(op.handle)
+        except NIXL_ERRORS as e:  # nixlRemoteDisconnectError from a peer that died
+            state = _reason(e)
+        if state == "PROC":
+            return False, None
+        self._release(op, state)
+        if state == "DONE":
+            return True, None
+        # Posted and failed: parts of it may have landed or still be landing.
+        self.staging_poisoned = True
+        return True, f"transfer ended in {state}"
+
+    def _abandon(self, rnd: ReadRound, op: PeerReadOp) -> str:
+        assert isinstance(op, _Xfer)
+        self.staging_poisoned = True
+        self._release(op, "timed out")
+        return "not complete before the deadline (peer frozen or too slow)"
+
+    def _end(self, rnd: ReadRound) -> None:
+        try:
+            rnd.state.release()
         except NIXL_ERRORS as e:
             log.warning("nixl: releasing staging descriptors failed: %s", _reason(e))
 
-    def _release(self, x: _Xfer, local: Any, state: str) -> None:
+    def _release(self, x: _Xfer, state: str) -> None:
         """Release a finished xfer, or cancel one still in flight. NIXL raises when it
         cannot cancel; the handle is then kept, never dropped, because its finaliser
         would retry at an arbitrary time and the READ may still write into staging.
@@ -386,7 +335,7 @@ class NixlTransport(OneSidedTransport):
             self.agent.release_xfer_handle(x.handle)
         except NIXL_ERRORS as e:
             assert self.staging is not None
-            self._abandoned.append(_Abandoned(x.handle, local, x.remote, self.staging, f"{state}; release: {_reason(e)}"))
+            self._abandoned.append(_Abandoned(x.handle, x.local, x.remote, self.staging, f"{state}; release: {_reason(e)}"))
             self.staging_poisoned = True
             log.warning("epoch %d: abandoned a nixl read from participant %d (%s)", self.epoch, x.peer, _reason(e))
 
@@ -394,7 +343,8 @@ class NixlTransport(OneSidedTransport):
     def close_epoch(self) -> None:
         self._retry_abandoned()
         busy = {a.peer.agent for a in self._abandoned}
-        for peer in self._peers.values():
+        for opened in self._peers.values():
+            peer: _Peer = opened.handle
             if peer.agent in busy:
                 self._kept_agents.add(peer.agent)  # an xfer NIXL would not cancel still uses it
                 continue
@@ -403,7 +353,6 @@ class NixlTransport(OneSidedTransport):
             except NIXL_ERRORS as e:
                 log.warning("nixl: releasing the rows of %s failed: %s", peer.agent, _reason(e))
             self._remove_agent(peer.agent)
-        self._peers.clear()
         super().close_epoch()
 
     def _retry_abandoned(self) -> None:

@@ -7,9 +7,11 @@ group, so the batch is posted on the group object itself, and for NCCL wrapped i
 the same coalescing calls ``batch_isend_irecv`` makes (one fused launch, no pairwise
 ordering deadlock).
 
-A peer failing breaks a gloo or NCCL group for good (even a barrier fails after), so
-once one operation fails every later read of the epoch fails at once and the executor
-goes to disk; the next epoch builds a new group without the dead rank.
+Two-sided: a receive is read from its planned source only, which posts the matching send
+(see :class:`~loaders.transport.TwoSidedTransport`). A peer failing breaks a gloo or NCCL
+group for good (even a barrier fails after), so once one operation fails every later
+read of the epoch fails at once and the executor goes to disk; the next epoch builds a
+new group without the dead rank.
 """
 
 from __future__ import annotations
@@ -25,23 +27,22 @@ import torch.distributed as dist
 from elastic_ep.errors import ConfigError, TransportError
 
 from loaders.layout import ExpertLayout
-from loaders.transport import PeerRead, PeerSend, PeerTransport, register_backend
+from loaders.transport import PeerRead, PeerSend, TwoSidedTransport, register_backend
 
 
 @register_backend("torch")
-class TorchTransport(PeerTransport):
+class TorchTransport(TwoSidedTransport):
     """Options: ``backend`` ("gloo" or "nccl"; default from the weights' device);
     ``interface``: the network interface gloo listens on, loopback unless configured
     (name the cluster interface, e.g. ``"eth0"``, across hosts; None: gloo's default,
     the address the host name resolves to)."""
 
     name = "torch"
-    one_sided = False
 
     def __init__(
         self,
         layout: ExpertLayout,
-        prefix: str = "elastic-ep/transport",
+        prefix: str = "transport",
         backend: str | None = None,
         interface: str | None = "lo",
     ) -> None:
@@ -66,32 +67,12 @@ class TorchTransport(PeerTransport):
         # Every participant builds the group here; gloo's rendezvous waits for all of
         # them. A participant dead before it connected leaves the group unbuildable:
         # the epoch then runs without it (every read goes to disk), never crashes.
-        store = dist.PrefixStore(f"{self.prefix}/{self.epoch}/pg/", self.store)
-        t = timedelta(seconds=timeout)
         self.group, self.broken = None, None
         built: dict[str, Any] = {}
-
-        def build() -> None:
-            try:
-                if self.backend == "gloo":
-                    opts = dist.ProcessGroupGloo._Options()
-                    opts._timeout = t
-                    opts._devices = [
-                        dist.ProcessGroupGloo.create_device(interface=self.interface) if self.interface
-                        else dist.ProcessGroupGloo.create_default_device()
-                    ]
-                    built["group"] = dist.ProcessGroupGloo(store, self.me, self.world, opts)
-                else:
-                    opts = dist.ProcessGroupNCCL.Options()
-                    opts._timeout = t
-                    built["group"] = dist.ProcessGroupNCCL(store, self.me, self.world, opts)
-            except (RuntimeError, TimeoutError, ValueError) as e:
-                built["error"] = str(e).splitlines()[0]
-
         # gloo's full-mesh connect retries a peer that died after publishing its address
         # for far longer than the group timeout; our deadline bounds it (the abandoned
         # attempt ends on its own and its group is never used).
-        th = threading.Thread(target=build, name="elastic-ep-pg-connect", daemon=True)
+        th = threading.Thread(target=self._build_group, args=(built, timeout), name="elastic-ep-pg-connect", daemon=True)
         th.start()
         th.join(timeout)
         if th.is_alive():
@@ -101,45 +82,86 @@ class TorchTransport(PeerTransport):
         else:
             self.group = built["group"]
 
+    def _build_group(self, built: dict[str, Any], timeout: float) -> None:
+        """Build this epoch's group into ``built["group"]``, or its error into ``built["error"]``."""
+        store = dist.PrefixStore(f"{self.prefix}/pg", self.store)  # joined with "/"
+        t = timedelta(seconds=timeout)
+        try:
+            if self.backend == "gloo":
+                opts = dist.ProcessGroupGloo._Options()
+                opts._timeout = t
+                opts._devices = [
+                    dist.ProcessGroupGloo.create_device(interface=self.interface) if self.interface
+                    else dist.ProcessGroupGloo.create_default_device()
+                ]
+                built["group"] = dist.ProcessGroupGloo(store, self.me, self.world, opts)
+            else:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = t
+                built["group"] = dist.ProcessGroupNCCL(store, self.me, self.world, opts)
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            built["error"] = str(e).splitlines()[0]
+
     def close_epoch(self) -> None:
         self.group = None  # a broken group's shutdown can block; let it be collected
+        super().close_epoch()
 
-    def exchange(
+    def transfer(
         self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend], timeout: float
     ) -> list[BaseException | None]:
-        if self.table is None or self.store is None:
-            raise ConfigError("torch transport: connect before exchange")
+        if self.table is None or self.store is None or self.staging is None:
+            raise ConfigError("torch transport: register_weights, connect and register_staging before transfer")
         if self.broken is not None or self.group is None:
             err = TransportError(f"layer {layer}: the epoch {self.epoch} process group is broken ({self.broken})")
             return [err] * len(reads)
-        assert self.staging is not None
-        named = self.weights[layer]
-        # Both sides order a pair's messages by (slot, tensor): sends by the source
-        # slot, receives by the same source slot, so messages match one to one.
-        recv_list: list[tuple[int, torch.Tensor, int]] = []  # (peer, buffer, read index)
-        for i, r in sorted(enumerate(reads), key=lambda x: (x[1].src, x[1].src_slot, x[1].dst_offset)):
-            for t, off in zip(self.layout.tensors, self.layout.offsets):
-                at = r.dst_offset + off
-                recv_list.append((r.src, self.staging[at : at + t.row_bytes], i))
-        send_list: list[tuple[int, torch.Tensor]] = []
-        for s in sorted(sends, key=lambda s: (s.dst, s.src_slot)):
-            for t in self.layout.tensors:
-                send_list.append((s.dst, self.layout.row_bytes_view(named[t.name], s.src_slot)))
-        coalesce = self.backend == "nccl"
-        works: list[tuple[Any, int | None]] = []
         try:
-            if coalesce:
-                self.group._start_coalescing(self.staging.device)
-            for peer, buf in send_list:
-                works.append((self.group.send([buf], peer, layer), None))
-            for peer, buf, i in recv_list:
-                works.append((self.group.recv([buf], peer, layer), i))
-            if coalesce:
-                works = [(self.group._end_coalescing(self.staging.device), -1)]
+            works = self._post(layer, reads, sends)
         except RuntimeError as e:
             self.broken = str(e).splitlines()[0]
             return [TransportError(f"layer {layer}: posting the batch failed ({self.broken})")] * len(reads)
-        out: list[BaseException | None] = [None] * len(reads)
+        return self._wait(layer, works, len(reads), timeout)
+
+    def _recv_buffers(self, reads: Sequence[PeerRead]) -> list[tuple[int, torch.Tensor, int]]:
+        """``(peer, staging bytes, read index)`` of every message to receive."""
+        assert self.staging is not None
+        out = []
+        # Both sides order a pair's messages by (slot, tensor): sends by the source
+        # slot, receives by the same source slot, so messages match one to one.
+        for i, r in sorted(enumerate(reads), key=lambda x: (x[1].src, x[1].src_slot, x[1].dst_offset)):
+            for t, off in zip(self.layout.tensors, self.layout.offsets):
+                at = r.dst_offset + off
+                out.append((r.src, self.staging[at : at + t.row_bytes], i))
+        return out
+
+    def _send_buffers(self, layer: int, sends: Sequence[PeerSend]) -> list[tuple[int, torch.Tensor]]:
+        """``(peer, weight row bytes)`` of every message to send, in the receivers' order."""
+        named = self.weights[layer]
+        return [
+            (s.dst, self.layout.row_bytes_view(named[t.name], s.src_slot))
+            for s in sorted(sends, key=lambda s: (s.dst, s.src_slot))
+            for t in self.layout.tensors
+        ]
+
+    def _post(self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend]) -> list[tuple[Any, int | None]]:
+        """Post every message; ``(work, read index)`` to wait for: None for a send, -1
+        for NCCL's one fused batch (gloo's works are per message)."""
+        assert self.staging is not None
+        coalesce = self.backend == "nccl"
+        works: list[tuple[Any, int | None]] = []
+        if coalesce:
+            self.group._start_coalescing(self.staging.device)
+        for peer, buf in self._send_buffers(layer, sends):
+            works.append((self.group.send([buf], peer, layer), None))
+        for peer, buf, i in self._recv_buffers(reads):
+            works.append((self.group.recv([buf], peer, layer), i))
+        if coalesce:
+            works = [(self.group._end_coalescing(self.staging.device), -1)]
+        return works
+
+    def _wait(self, layer: int, works: list[tuple[Any, int | None]], n: int, timeout: float) -> list[BaseException | None]:
+        """Wait for every work until ``timeout``; one entry per read (``n`` of them)."""
+        assert self.staging is not None
+        out: list[BaseException | None] = [None] * n
         deadline = time.monotonic() + timeout
         for w, i in works:
             try:
@@ -152,9 +174,9 @@ class TorchTransport(PeerTransport):
                 self.staging_poisoned = True  # a posted receive may still land later
                 err = TransportError(f"layer {layer}: epoch {self.epoch} group failed ({self.broken})")
                 if i == -1:  # the fused NCCL batch: nothing in it can be trusted
-                    return [err] * len(reads)
+                    return [err] * n
                 if i is not None:
                     out[i] = out[i] or err
-        if coalesce:
+        if self.backend == "nccl":
             torch.cuda.current_stream(self.staging.device).synchronize()
         return out
