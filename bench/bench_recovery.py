@@ -43,10 +43,10 @@ def run(mode: str, spec: SyntheticSpec, args: argparse.Namespace, workdir: str) 
         evict(c.ckpt)
         res = c.step("kill_one")
         s = c.read()
-        com = s["committed"]
-        acks = [a for a in s["acks"].values() if a.epoch == com.epoch]
+        com = s.committed
+        acks = [a for a in s.acks.values() if a.epoch == com.epoch]
         rank_phases = {k: max(a.phases.get(k, 0.0) for a in acks) for k in ("connect", "local", "peer", "disk", "barrier", "write")}
-        plan = s["plan"].plan
+        plan = s.plan.plan
         return {"seconds": res.seconds, "phases": com.phases, "bytes": com.bytes, "rank_phases": rank_phases,
                 "detail": res.detail, "transfers": len(plan.transfers), "missing": sum(len(m) for m in plan.missing)}
 

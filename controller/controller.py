@@ -9,12 +9,17 @@ depends on the kind of action. What is decided, and why, is in
 :mod:`controller.decide`; this module is the I/O around it.
 
 Publishing and committing are transactions that succeed only while this controller
-holds the leader key and the epoch is still the one it read: a deposed leader's
-writes are refused (:class:`NotLeaderError`) and it steps down.
+holds the leader key and the ``epoch`` key's mod revision is still the one it read (a
+revision, not the value: a malformed value cannot wedge the fence). A refused write
+says why: leadership lost (:class:`NotLeaderError`: step down) or the epoch moved
+(:class:`EpochMovedError`: still the leader, read again).
 
 Failure contract: everything durable is in etcd. A controller that takes over reads the
 plan in flight and its acks and carries on; it loses only timings (the detect and plan
 phases of a plan it did not send, and the ack deadline, which restarts at takeover).
+Nothing kills the loop: a controller started while etcd is down waits for it, a value
+that does not parse is skipped and reported once per key and mod revision, and a pass
+that fails for any reason is logged and retried with capped exponential backoff.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic_ep.errors import ElasticEPError, EtcdUnavailableError, MalformedValueError, NotLeaderError
+from elastic_ep.errors import (
+    ElasticEPError, EpochMovedError, EtcdUnavailableError, MalformedValueError, NotLeaderError,
+)
 from elastic_ep.core.policy import get_policy
 
 from controller.decide import Action, DecideConfig, Kind, Memory, ModelShape, decide
@@ -33,11 +40,14 @@ from controller.election import LeaderElection
 from controller.etcd_client import EtcdConfig, call, connect
 from controller.metrics import ControllerMetrics
 from controller.records import AckRecord, CommitRecord, PlanRecord
-from controller.view import ClusterView, read_view
+from controller.view import ClusterView, ParseCache, read_view
 
 __all__ = ["Controller", "ControllerConfig", "ModelShape"]
 
 log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
+"""Waits after a failed pass: doubling from the first to the second."""
 
 
 @dataclass
@@ -49,6 +59,8 @@ class ControllerConfig:
     model: ModelShape
     id: str = "controller-0"
     min_ranks: int = 1
+    max_joiners_per_plan: int = 16
+    """Joining ranks one plan takes in, oldest registration first (the rest join next)."""
     policy: str = "min_migration"
     policy_options: dict[str, Any] = field(default_factory=dict)
     settle_s: float = 1.0
@@ -64,19 +76,20 @@ class ControllerConfig:
         return DecideConfig(
             self.model, leader=self.id, min_ranks=self.min_ranks, settle_s=self.settle_s,
             ack_timeout_s=self.ack_timeout_s, imbalance_threshold=self.imbalance_threshold,
-            rebalance_cooldown_s=self.rebalance_cooldown_s, policy=get_policy(self.policy, **self.policy_options),
+            rebalance_cooldown_s=self.rebalance_cooldown_s, max_joiners_per_plan=self.max_joiners_per_plan,
+            policy=get_policy(self.policy, **self.policy_options),
         )
 
 
 class Controller:
     """``Controller(cfg).run(stop)`` campaigns for leadership and, while it leads,
-    reconciles; ``client`` (an ``etcd3`` client) and ``metrics`` may be given."""
+    reconciles; ``client`` (an ``etcd3`` client) and ``metrics`` may be given. Without a
+    client it connects now, or, while etcd cannot be reached, from ``run`` with backoff
+    (``client`` and ``election`` are None until then)."""
 
     def __init__(self, cfg: ControllerConfig, client: Any = None, metrics: ControllerMetrics | None = None) -> None:
         self.cfg = cfg
-        self.client = client if client is not None else connect(cfg.etcd)
         self.root = cfg.etcd.root
-        self.election = LeaderElection(self.client, f"{self.root}/leader", cfg.id, cfg.leader_ttl_s)
         self.metrics = metrics or ControllerMetrics()
         self._rules = cfg.decide_config()
         self.policy = self._rules.policy
@@ -84,46 +97,91 @@ class Controller:
         self._epoch = 0  # the newest epoch the last pass read, for log lines
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._reported_malformed: set[str] = set()
+        self._reported: dict[str, int] = {}  # key -> mod revision of the bad value last reported
+        self._now_bad: dict[str, int] = {}
+        self._parsed: ParseCache = {}
         self._watch_id: Any = None
+        self._watching = False
+        self.client: Any = None
+        self.election: LeaderElection | None = None
+        if client is None:
+            try:
+                client = connect(cfg.etcd)
+            except EtcdUnavailableError as e:
+                log.warning("controller %s: etcd not reachable yet, will keep trying: %s", cfg.id, e)
+        if client is not None:
+            self._attach(client)
+
+    def _attach(self, client: Any) -> None:
+        self.client = client
+        self.election = LeaderElection(client, f"{self.root}/leader", self.cfg.id, self.cfg.leader_ttl_s)
+
+    def _connected(self) -> LeaderElection:
+        """The election, connecting first if etcd was unreachable so far; the watch
+        starts with the first pass of the loop."""
+        if self.election is None:
+            self._attach(connect(self.cfg.etcd))
+            log.info("controller %s: connected to etcd at %s", self.cfg.id, self.cfg.etcd.endpoint)
+        if not self._watching:
+            self._watching = True
+            self._watch()
+        assert self.election is not None
+        return self.election
 
     # -- reading ---------------------------------------------------------------------
     def view(self) -> ClusterView:
-        """The deployment's keys, read at one revision (malformed values reported once)."""
-        return read_view(self.client, self.root, self._report_malformed)
+        """The deployment's keys, read at one revision (malformed values reported once
+        per key and mod revision)."""
+        self._now_bad = {}
+        view = read_view(self.client, self.root, self._report_malformed, self._parsed)
+        # Forget values that are gone, so that memory follows what etcd holds now.
+        self._reported = self._now_bad
+        self.metrics.malformed_now.set(len(view.malformed))
+        return view
 
     def _report_malformed(self, key: str, e: MalformedValueError) -> None:
-        if key not in self._reported_malformed:
-            self._reported_malformed.add(key)
+        self._now_bad[key] = e.revision
+        if self._reported.get(key) != e.revision:
             self.metrics.malformed.inc()
-            log.error("ignoring malformed value: %s", e)
+            log.error("epoch %d: ignoring malformed value (mod revision %d): %s", self._epoch, e.revision, e)
 
     # -- fenced writes ---------------------------------------------------------------
-    def _fenced(self, expect_epoch: int, ops: list[Any], what: str) -> None:
+    def _fenced(self, epoch_revision: int, ops: list[Any], what: str) -> None:
+        """Run ``ops`` iff this controller holds the leader key and the epoch key's mod
+        revision is ``epoch_revision`` (0: absent); else say which of the two moved."""
         tx = self.client.transactions
-        epoch_key = f"{self.root}/epoch"
-        cmp = [tx.value(f"{self.root}/leader") == self.cfg.id]
-        cmp.append(tx.version(epoch_key) == 0 if expect_epoch == 0 else tx.value(epoch_key) == str(expect_epoch))
-        ok, _ = call(self.client.transaction, what, compare=cmp, success=ops, failure=[])
-        if not ok:
-            self.election.step_down()
-            self.metrics.fenced.inc()
-            raise NotLeaderError(
-                f"{what} refused: {self.cfg.id} no longer holds {self.root}/leader or the epoch moved past {expect_epoch}"
-            )
+        leader_key, epoch_key = f"{self.root}/leader", f"{self.root}/epoch"
+        cmp = [tx.value(leader_key) == self.cfg.id, tx.mod(epoch_key) == epoch_revision]
+        ok, found = call(self.client.transaction, what, compare=cmp, success=ops,
+                         failure=[tx.get(leader_key), tx.get(epoch_key)])
+        if ok:
+            return
+        self.metrics.fenced.inc()
+        leader = found[0][0][0] if found and found[0] else None
+        if leader != self.cfg.id.encode():
+            if self.election is not None:
+                self.election.step_down()
+            raise NotLeaderError(f"epoch {self._epoch}: {what} refused: {self.cfg.id} lost leadership ({leader_key} "
+                                 f"now holds {leader!r}); stepping down")
+        now = found[1][0][1].mod_revision if len(found) > 1 and found[1] else 0
+        raise EpochMovedError(f"epoch {self._epoch}: {what} refused: {epoch_key} moved since it was read (mod revision "
+                              f"{epoch_revision} -> {now}); {self.cfg.id} still leads and reads again")
 
-    def publish(self, rec: PlanRecord, expect_epoch: int) -> None:
-        """Write plan ``rec`` (epoch ``expect_epoch + 1``) iff this controller leads and the
-        epoch is still ``expect_epoch``."""
+    def publish(self, rec: PlanRecord, epoch_revision: int) -> None:
+        """Write plan ``rec`` and ``epoch = rec.epoch`` in one transaction (so both keys
+        carry one mod revision) iff this controller leads and the epoch key's mod
+        revision is still ``epoch_revision``, as read (0: absent)."""
         tx = self.client.transactions
-        self._fenced(expect_epoch, [tx.put(f"{self.root}/epoch", str(rec.epoch)),
-                                    tx.put(f"{self.root}/plan", rec.to_json())], f"publish plan epoch {rec.epoch}")
+        self._fenced(epoch_revision, [tx.put(f"{self.root}/epoch", str(rec.epoch)),
+                                      tx.put(f"{self.root}/plan", rec.to_json())], f"publish plan epoch {rec.epoch}")
         self.metrics.epoch.set(rec.epoch)
         log.info("published plan epoch %d (%s): %d -> %d ranks", rec.epoch, rec.reason, len(rec.old_members), len(rec.new_members))
 
-    def commit(self, rec: PlanRecord, acks: dict[str, AckRecord], phases: dict[str, float]) -> CommitRecord:
+    def commit(self, rec: PlanRecord, acks: dict[str, AckRecord], phases: dict[str, float],
+               epoch_revision: int) -> CommitRecord:
         """Write the commit record of plan ``rec`` (bytes summed over ``acks``, seconds by
-        phase) iff this controller leads and the epoch is still ``rec.epoch``."""
+        phase) iff this controller leads and the epoch key's mod revision is still
+        ``epoch_revision`` (so the plan is the one read)."""
         total: dict[str, int] = {}
         for a in acks.values():
             for k, v in a.bytes.items():
@@ -131,7 +189,7 @@ class Controller:
         c = CommitRecord(rec.epoch, rec.new_members, rec.placement, phases, total)
         tx = self.client.transactions
         t0 = time.monotonic()
-        self._fenced(rec.epoch, [tx.put(f"{self.root}/committed", c.to_json())], f"commit epoch {rec.epoch}")
+        self._fenced(epoch_revision, [tx.put(f"{self.root}/committed", c.to_json())], f"commit epoch {rec.epoch}")
         # The epoch's scratch keys are no longer needed.
         call(self.client.delete_prefix, "clean store", f"{self.root}/store/")
         for route, n in total.items():
@@ -142,6 +200,18 @@ class Controller:
         log.info("committed epoch %d: %d ranks, bytes %s, phases %s", rec.epoch, len(rec.new_members), total,
                  {k: round(v, 3) for k, v in phases.items()})
         return c
+
+    def revoke(self, action: Action) -> None:
+        """Fence the participants an ACK_TIMEOUT names: revoking a lease deletes the
+        rank's keys at once; its agent sees the lease gone and registers again."""
+        log.error("epoch %d: %s: %s; revoking their leases so that the next plan goes without them",
+                  action.epoch, action.reason, sorted(action.ranks))
+        for lease in action.leases:
+            try:
+                call(self.client.revoke_lease, f"revoke lease {lease:x}", lease)
+                self.metrics.revoked.inc()
+            except EtcdUnavailableError as e:  # gone already, or etcd away: the next pass sees which
+                log.warning("epoch %d: %s", action.epoch, e)
 
     # -- acting ----------------------------------------------------------------------
     def step(self) -> Action:
@@ -165,22 +235,21 @@ class Controller:
                         view.epoch, list(action.dead), list(action.failed))
         kind = action.kind
         if kind in (Kind.BOOTSTRAP, Kind.PUBLISH):
-            return self._send(action, planned_s)
+            return self._send(action, planned_s, view.epoch_revision)
         if kind is Kind.COMMIT:
             assert action.record is not None
-            self.commit(action.record, view.acks, dict(action.phases))
+            self.commit(action.record, view.acks, dict(action.phases), view.epoch_revision)
         elif kind is Kind.ACK_TIMEOUT:
-            log.error("epoch %d: no ack from %s within %.0f s", action.epoch, sorted(action.ranks),
-                      self.cfg.ack_timeout_s)
+            self.revoke(action)
         elif kind is Kind.TOO_FEW_RANKS and action.report:
             log.error("epoch %d: %s", action.epoch, action.reason)
         return action.memory
 
-    def _send(self, action: Action, planned_s: float) -> Memory:
+    def _send(self, action: Action, planned_s: float, epoch_revision: int) -> Memory:
         """Publish the action's plan; observe its detect and plan phases."""
         rec = action.record
         assert rec is not None
-        self.publish(rec, rec.epoch - 1)
+        self.publish(rec, epoch_revision)
         plan_s = None if action.kind is Kind.BOOTSTRAP else planned_s
         memory = action.memory.plan_sent(rec.epoch, time.monotonic(), plan_s)
         for phase, seconds in memory.phases.get(rec.epoch, {}).items():
@@ -202,44 +271,66 @@ class Controller:
             log.warning("watch on %s failed (%s); relying on periodic resync", self.root, e)
             self._watch_id = None
 
+    def _pass(self) -> Kind | None:
+        """Connect if needed, campaign, and while leading reconcile once: the kind of
+        action taken, None as a standby."""
+        election = self._connected()
+        if not election.is_leader():
+            self.metrics.leader.set(0)
+            if not election.campaign():
+                # A standby that reaches etcd is healthy: /healthz must not report it
+                # stale, or its liveness probe restarts it forever.
+                self.metrics.beat()
+                return None
+            self.metrics.leader.set(1)
+        action = self.step()
+        log.debug("step: %s", action)
+        return action.kind
+
     def run(self, stop: threading.Event | None = None) -> None:
+        """Lead or stand by until ``stop``. A failed pass never ends the loop: etcd
+        away, a refused write, a plan that cannot be built, any bug of one pass."""
         stop = stop or self._stop
-        self._watch()
-        backoff = 0.2
+        backoff = BACKOFF_MIN_S
         while not stop.is_set():
             try:
-                if not self.election.is_leader():
-                    self.metrics.leader.set(0)
-                    if not self.election.campaign():
-                        # A standby that reaches etcd is healthy: /healthz must not
-                        # report it stale, or its liveness probe restarts it forever.
-                        self.metrics.beat()
-                        stop.wait(self.cfg.resync_s)
-                        continue
-                    self.metrics.leader.set(1)
-                action = self.step()
-                log.debug("step: %s", action)
-                backoff = 0.2
-                self._wake.wait(self._pause(action.kind))
-                self._wake.clear()
+                kind = self._pass()
+                backoff = BACKOFF_MIN_S
+                if kind is None:
+                    stop.wait(self.cfg.resync_s)
+                else:
+                    self._wake.wait(self._pause(kind))
+                    self._wake.clear()
+                continue
+            except EpochMovedError as e:
+                log.info("%s", e)  # a fresh read decides again at once
+                continue
             except NotLeaderError as e:
                 log.warning("%s", e)
+                continue
             except EtcdUnavailableError as e:
                 self.metrics.etcd_errors.inc()
-                log.warning("etcd unavailable, waiting it out: %s", e)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-                if self._watch_id is None:
+                log.warning("epoch %d: etcd unavailable, retrying in %.1f s: %s", self._epoch, backoff, e)
+                if self._watch_id is None and self.client is not None:
                     self._watch()
             except ElasticEPError as e:
-                # A plan that cannot be built now (too few ranks, bad load) must not
-                # kill the controller: report it and try again on the next change.
-                log.error("reconcile failed (epoch %d): %s", self._epoch, e)
-                stop.wait(self.cfg.resync_s)
+                # A plan that cannot be built now must not kill the controller.
+                self.metrics.pass_errors.inc()
+                log.error("epoch %d: reconcile failed, retrying in %.1f s: %s", self._epoch, backoff, e)
             except Exception:  # last resort: the loop must outlive any one bad pass
-                log.exception("reconcile pass crashed (epoch %d); trying again", self._epoch)
-                stop.wait(self.cfg.resync_s)
-        self.election.resign()
+                self.metrics.pass_errors.inc()
+                log.exception("epoch %d: reconcile pass crashed; retrying in %.1f s", self._epoch, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        self._resign()
+
+    def _resign(self) -> None:
+        if self.election is None:
+            return
+        try:
+            self.election.resign()
+        except Exception as e:  # leaving anyway: the lease expires
+            log.warning("controller %s: resign failed: %s", self.cfg.id, e)
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,17 +10,21 @@ act, as torch.distributed.elastic's dynamic rendezvous does.
 The questions, in the order ``decide`` asks them:
 
 1. A plan in flight (published, not committed): are the acks of all its live
-   participants in? No: ``WAIT_ACKS`` (``ACK_TIMEOUT`` once ``ack_timeout_s`` passed).
-   All ok and no new member dead: ``COMMIT`` (a draining source that died took
-   nothing with it). Otherwise the live ones finished (or failed) and the next plan
-   starts from there.
+   participants in? No: ``WAIT_ACKS``; once ``ack_timeout_s`` passed, ``ACK_TIMEOUT``
+   with the silent participants' leases to revoke (the fence: their keys go, their
+   agents register again as new members, and the next pass plans without them).
+   All succeeded (ok and bit-exact: an ack with mismatched slots is a failure) and no
+   new member dead: ``COMMIT`` (a draining source that died took nothing with it).
+   Otherwise the live ones finished (or failed) and the next plan starts from there.
 2. No base placement (nothing committed or finished): ``BOOTSTRAP`` once ``min_ranks``
    ranks stayed the same for ``settle_s`` (``WAIT_BOOTSTRAP`` until then);
    ``WAIT_FAILED`` while a participant of the plan in flight reports failure (it
-   registers again as a new member, which then counts as dead).
+   fences itself and registers again as a new member, which then counts as dead and is
+   never a source); past ``ack_timeout_s`` its lease is revoked (``ACK_TIMEOUT``).
 3. Members dead, draining or joining: ``SETTLING`` for ``settle_s`` (a plan in flight
    is replaced at once), then ``PUBLISH`` the next plan, or ``TOO_FEW_RANKS`` when the
-   ranks left cannot hold every logical expert.
+   ranks left cannot hold every logical expert. At most ``max_joiners_per_plan``
+   joining ranks enter one plan, oldest registration first; the rest join next.
 4. No change: ``WAIT_IN_FLIGHT`` if a plan is still out; a rebalance when the load
    balance fell below ``imbalance_threshold`` after the cooldown (``PUBLISH``, or
    ``BALANCED`` when the policy would move nothing); else ``STEADY``.
@@ -37,10 +41,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from elastic_ep.errors import ConfigError
 from elastic_ep.core.placement import ExpertPlacement, balance, initial_placement
 from elastic_ep.core.plan import build_plan
 from elastic_ep.core.policy import RebalancePolicy, get_policy
@@ -81,6 +86,10 @@ class DecideConfig:
     leader: str = "controller-0"
     """Written into every plan record: the id of the controller that publishes it."""
     min_ranks: int = 1
+    max_joiners_per_plan: int = 16
+    """Joining ranks one plan takes in (oldest registration first; the rest join in the
+    next plan); a bootstrap takes at most ``max(min_ranks, max_joiners_per_plan)``
+    ranks. Bounds the cost of one plan whatever registers."""
     settle_s: float = 1.0
     ack_timeout_s: float = 300.0
     imbalance_threshold: float = 0.0
@@ -89,6 +98,10 @@ class DecideConfig:
     policy: RebalancePolicy = field(default_factory=lambda: get_policy("min_migration"))
     """Places experts after a membership change or for load; the bootstrap always
     spreads load with DeepSeek's policy."""
+
+    def __post_init__(self) -> None:
+        if self.max_joiners_per_plan < 1:
+            raise ConfigError(f"max_joiners_per_plan must be at least 1, got {self.max_joiners_per_plan}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,10 @@ class Action:
     - ``record``: the plan to write with epoch ``record.epoch - 1`` expected (BOOTSTRAP,
       PUBLISH), or the plan to commit (COMMIT);
     - ``phases``: COMMIT: seconds of detect, plan and transfer for the commit record;
-    - ``ranks``: WAIT_BOOTSTRAP: the rank ids ready; WAIT_ACKS, ACK_TIMEOUT: the live
-      participants (member tokens) with no ack yet;
+    - ``ranks``: WAIT_BOOTSTRAP: the rank ids ready; WAIT_ACKS: the live participants
+      (member tokens) with no ack yet; ACK_TIMEOUT: the participants to fence (silent,
+      or failed and not registered again);
+    - ``leases``: ACK_TIMEOUT: the leases of ``ranks`` to revoke;
     - ``dead``, ``failed``: participants of a finished plan in flight that died or reported
       failure, on whatever follows it (PUBLISH, WAIT_FAILED, TOO_FEW_RANKS, ...);
     - ``report``: TOO_FEW_RANKS: the shortage is new (log it once, not every pass);
@@ -172,6 +187,7 @@ class Action:
     record: PlanRecord | None = None
     phases: Mapping[str, float] = field(default_factory=dict)
     ranks: tuple[str, ...] = ()
+    leases: tuple[int, ...] = ()
     dead: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
     report: bool = False
@@ -192,7 +208,7 @@ class _Flight:
     dead: tuple[str, ...]
     """No longer registered as that incarnation."""
     failed: tuple[str, ...]
-    """Live, acked with a failure."""
+    """Live, acked with a failure or with slots that are not bit-exact."""
 
 
 @dataclass(frozen=True)
@@ -254,7 +270,7 @@ def decide(view: ClusterView, memory: Memory, cfg: DecideConfig, now: float) -> 
     ps = _Pass(view, cfg, now, _flight(view))
     f = ps.flight
     if f is not None and f.pending:
-        return _wait_for_acks(ps, memory)
+        return _wait_for(ps, memory, f.pending, Kind.WAIT_ACKS)
     # A dead participant that is not a new member (a draining source) takes nothing
     # with it: every new member finished, so the plan commits.
     if f is not None and not f.failed and not set(f.dead) & set(f.plan.new_members):
@@ -265,7 +281,7 @@ def decide(view: ClusterView, memory: Memory, cfg: DecideConfig, now: float) -> 
     if f is not None:
         # Some live participant failed its part: it fences itself and registers again,
         # after which it counts as dead and the next plan refills its slots.
-        return ps.act(Kind.WAIT_FAILED, memory)
+        return _wait_for(ps, memory, f.failed, Kind.WAIT_FAILED)
     return _bootstrap(ps, memory)
 
 
@@ -279,7 +295,7 @@ def _flight(view: ClusterView) -> _Flight | None:
         p,
         pending=tuple(m for m in live if m not in view.acks),
         dead=tuple(m for m in participants if m not in live),
-        failed=tuple(m for m in live if m in view.acks and not view.acks[m].ok),
+        failed=tuple(m for m in live if m in view.acks and not view.acks[m].succeeded),
     )
 
 
@@ -293,15 +309,22 @@ def _base(view: ClusterView, flight: _Flight | None) -> _Base | None:
     return None if c is None else _Base(c.epoch, list(c.members), c.placement)
 
 
-def _wait_for_acks(ps: _Pass, memory: Memory) -> Action:
+def _wait_for(ps: _Pass, memory: Memory, members: tuple[str, ...], kind: Kind) -> Action:
+    """``kind`` while the plan in flight waits on ``members`` (live participants);
+    ACK_TIMEOUT with their leases once it waited ``ack_timeout_s``: a participant that
+    stays silent, or failed and does not register again, is fenced by the controller."""
     assert ps.flight is not None
     epoch = ps.flight.plan.epoch
     # A plan this controller did not send (it took over mid-flight) is timed from now.
     started = memory.sent.get(epoch, ps.now)
     if epoch not in memory.sent:
         memory = replace(memory, sent={**memory.sent, epoch: started})
-    late = ps.now - started > ps.cfg.ack_timeout_s
-    return ps.act(Kind.ACK_TIMEOUT if late else Kind.WAIT_ACKS, memory, ranks=ps.flight.pending)
+    if ps.now - started <= ps.cfg.ack_timeout_s:
+        return ps.act(kind, memory, ranks=members) if kind is Kind.WAIT_ACKS else ps.act(kind, memory)
+    leases = tuple(ps.view.leases[r] for r in map(member_id, members) if r in ps.view.leases)
+    return ps.act(Kind.ACK_TIMEOUT, memory, ranks=members, leases=leases,
+                  reason=f"no ack within {ps.cfg.ack_timeout_s:g} s" if kind is Kind.WAIT_ACKS
+                  else f"failed and not registered again within {ps.cfg.ack_timeout_s:g} s")
 
 
 def _commit(ps: _Pass, memory: Memory) -> Action:
@@ -325,20 +348,27 @@ def _settle(memory: Memory, signature: Signature, now: float, settle_s: float) -
 
 
 def _load(view: ClusterView, model: ModelShape) -> np.ndarray:
-    """``[num_layers, num_logical]`` summed over the ranks' windows (ones while no rank
-    reported any, so that policies spread experts evenly)."""
+    """``[num_layers, num_logical]`` summed over the windows of registered ranks (ones
+    while none reported any, so that policies spread experts evenly). A window of a
+    rank that is not registered (gone, or never there) is not counted."""
     shape = (model.num_layers, model.num_logical)
     total = np.zeros(shape)
-    for ld in view.loads.values():
+    for ld in (ld for rid, ld in view.loads.items() if rid in view.ranks):
         arr = np.asarray(ld.load, dtype=np.float64)
         if arr.shape == shape:  # a rank of another model shape: not ours to count
             total += arr
     return total if total.sum() > 0 else np.ones(shape)
 
 
+def _by_registration(view: ClusterView, ids: Iterable[str], most: int) -> tuple[str, ...]:
+    """The first ``most`` of rank ``ids`` in registration order (ties by id), sorted by id."""
+    return tuple(sorted(sorted(ids, key=lambda r: (view.registered.get(r, 0), r))[:most]))
+
+
 def _bootstrap(ps: _Pass, memory: Memory) -> Action:
     view, cfg, ms = ps.view, ps.cfg, ps.cfg.model
-    ready = tuple(sorted(rid for rid, r in view.ranks.items() if r.state != "draining"))
+    ready = _by_registration(view, (rid for rid, r in view.ranks.items() if r.state != "draining"),
+                             max(cfg.min_ranks, cfg.max_joiners_per_plan))
     waiting = ps.act(Kind.WAIT_BOOTSTRAP, memory, ranks=ready, reason=f"{len(ready)}/{cfg.min_ranks} ranks")
     if len(ready) < cfg.min_ranks:
         return waiting
@@ -353,18 +383,18 @@ def _bootstrap(ps: _Pass, memory: Memory) -> Action:
     return ps.act(Kind.BOOTSTRAP, replace(memory, phases={}), epoch=rec.epoch, record=rec, reason=rec.reason)
 
 
-def _change(view: ClusterView, base: _Base) -> _Change:
+def _change(view: ClusterView, base: _Base, max_joiners: int) -> _Change:
     members = base.members
     dead = tuple(i for i, m in enumerate(members) if not view.is_live(m))
     leaving = tuple(i for i, m in enumerate(members)
                     if i not in dead and view.ranks[member_id(m)].state == "draining")
     # A rank that registered again is a new incarnation: it joins, its old member is dead.
-    joining = tuple(sorted(r.id for r in view.ranks.values() if r.state == "joining" and r.token not in members))
-    return _Change(dead, leaving, joining)
+    joining = (r.id for r in view.ranks.values() if r.state == "joining" and r.token not in members)
+    return _Change(dead, leaving, _by_registration(view, joining, max_joiners))
 
 
 def _reconcile(ps: _Pass, base: _Base, memory: Memory) -> Action:
-    change = _change(ps.view, base)
+    change = _change(ps.view, base, ps.cfg.max_joiners_per_plan)
     if change:
         if memory.detected_at is None:
             memory = replace(memory, detected_at=ps.now)

@@ -70,6 +70,10 @@ class LeaderElection:
             except EtcdUnavailableError as e:
                 # Keep trying: etcd restarting within the TTL keeps the lease.
                 log.warning("%s: cannot refresh the leader lease: %s", self.candidate, e)
+            except Exception:  # a lease nobody refreshes is lost: say so, do not lead on it
+                log.exception("%s: leader lease keep-alive failed; stepping down", self.candidate)
+                self._lost.set()
+                return
 
     def step_down(self) -> None:
         """Forget leadership locally (the lease is left to expire or be revoked)."""

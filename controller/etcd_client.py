@@ -57,6 +57,12 @@ class EtcdConfig:
         return f"{self.prefix}/{self.deployment}"
 
 
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]
+"""gRPC refuses replies over 4 MiB by default; one read of a deployment holds every
+rank's key (each value bounded by :data:`controller.records.MAX_BYTES`), so a few large
+values must not make every read fail."""
+
+
 def connect(cfg: EtcdConfig) -> Any:
     """An ``etcd3`` client; :class:`EtcdUnavailableError` if etcd does not answer,
     ``PermissionError`` if it refuses the credentials."""
@@ -68,6 +74,7 @@ def connect(cfg: EtcdConfig) -> Any:
     client = call(
         etcd3.client, what, host=host, port=int(port), ca_cert=cfg.ca, cert_key=cfg.key,
         cert_cert=cfg.cert, timeout=cfg.timeout_s, user=cfg.user, password=cfg.password,
+        grpc_options=GRPC_OPTIONS,
     )
     # The client marks its endpoint failed for 300 s after one UNAVAILABLE and refuses
     # every call meanwhile; gRPC reconnects by itself, so retry soon instead (an etcd
@@ -152,3 +159,14 @@ def call(fn: Callable[..., T], what: str, *args: Any, **kwargs: Any) -> T:
         if t is e:
             raise
         raise t from e
+
+
+def read_ranges(client: Any, what: str, prefixes: list[str], keys: list[str]) -> list[list[tuple[bytes, Any]]]:
+    """Every key under each of ``prefixes``, then each of ``keys``, read in one
+    transaction (one revision): per range, its ``(value, metadata)`` pairs."""
+    from etcd3.utils import prefix_range_end, to_bytes
+
+    tx = client.transactions
+    ops = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys]
+    _, responses = call(client.transaction, what, compare=[], success=ops, failure=[])
+    return [list(r) for r in responses]

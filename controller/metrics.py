@@ -30,7 +30,13 @@ class ControllerMetrics:
         self.bytes = Counter("elastic_ep_transfer_bytes", "Bytes moved by route", ["route"], registry=r)
         self.failures = Counter("elastic_ep_rank_failures", "Ranks found dead", registry=r)
         self.fenced = Counter("elastic_ep_fenced_writes", "Writes refused because leadership or epoch moved", registry=r)
-        self.malformed = Counter("elastic_ep_malformed_values", "Malformed values found under the prefix", registry=r)
+        self.malformed = Counter("elastic_ep_malformed_values",
+                                 "Malformed values found under the prefix (each key and mod revision once)", registry=r)
+        self.malformed_now = Gauge("elastic_ep_malformed_values_now", "Values left out of the last read", registry=r)
+        self.revoked = Counter("elastic_ep_revoked_leases",
+                               "Rank leases revoked because their acks were overdue (the controller's fence)", registry=r)
+        self.pass_errors = Counter("elastic_ep_reconcile_errors", "Reconcile passes that failed and were retried",
+                                   registry=r)
         self.etcd_errors = Counter("elastic_ep_etcd_unavailable", "Times etcd could not be reached", registry=r)
         self.heartbeat = time.monotonic()
 

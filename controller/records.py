@@ -2,36 +2,69 @@
 
 Every key of a deployment lives under ``root = <prefix>/<deployment>``:
 
-===========================  =================================================  ==========
-key                          value                                              written by
-===========================  =================================================  ==========
-``ranks/<id>``               :class:`RankRecord` (with the rank's lease)        that rank
-``load/<id>``                :class:`LoadRecord`                                that rank
-``acks/<id>``                :class:`AckRecord` of its newest plan              that rank
-``store/...``                scratch of plan execution (barriers, endpoints)    ranks
-``leader``                   the leader controller's id (with its lease)        controllers
-``epoch``                    the newest published epoch, decimal                leader
-``plan``                     :class:`PlanRecord`                                leader
-``committed``                :class:`CommitRecord`                              leader
-===========================  =================================================  ==========
+===========================  =================================================  ===========  ==========
+key                          value                                              written by   at most
+===========================  =================================================  ===========  ==========
+``ranks/<id>``               :class:`RankRecord`, under the rank's lease        that rank    16 KiB
+``load/<id>``                :class:`LoadRecord`, under the rank's lease        that rank    4 MiB
+``acks/<id>``                :class:`AckRecord` of its newest plan              that rank    64 KiB
+``store/...``                scratch of plan execution (barriers, endpoints)    ranks        (not read)
+``leader``                   the leader controller's id (with its lease)        controllers  256 B
+``epoch``                    the newest published epoch, decimal                leader       24 B
+``plan``                     :class:`PlanRecord`                                leader       16 MiB
+``committed``                :class:`CommitRecord`                              leader       8 MiB
+===========================  =================================================  ===========  ==========
 
-Values carry a ``schema`` version. Parsing checks every field and raises
-:class:`MalformedValueError` naming the key: a bad value is reported and skipped,
-never allowed to crash a controller or agent.
+``plan`` and ``epoch`` are written in one transaction, so they always carry the same
+mod revision: a reader accepts a plan only if the two keys' mod revisions are equal and
+the plan's epoch equals the ``epoch`` value (anything else is a torn or forged write).
+Every write of the leader is fenced on the ``epoch`` key's mod revision as it read it,
+never on its value, so a malformed ``epoch`` value is overwritten by the next publish.
+
+Every value is untrusted: a rank's credentials can write anything under its own keys.
+:func:`load_json` and each record's ``parse`` are the one place a value is checked:
+size (the last column), nesting depth (:data:`MAX_DEPTH`), numbers (no NaN or
+Infinity, no ``1e400``, integers within int64), then every field's type, range and
+shape. Anything wrong raises :class:`MalformedValueError` naming the key and the
+defect; readers skip the value and report it, and nothing else can escape a parse.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from elastic_ep.errors import ElasticEPError, MalformedValueError
-from elastic_ep.core.placement import ExpertPlacement
-from elastic_ep.core.plan import TransferPlan
+from elastic_ep.core.placement import MAX_ELEMENTS, MAX_LOGICAL, ExpertPlacement, describe, record_int, record_ints
+from elastic_ep.core.plan import MAX_EPOCH, TransferPlan
+from elastic_ep.core.rank_mapping import MAX_RANKS
 
 SCHEMA = 1
 STATES = ("joining", "active", "draining")
+
+KiB, MiB = 1 << 10, 1 << 20
+MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "acks": 64 * KiB, "leader": 256, "epoch": 24,
+             "plan": 16 * MiB, "committed": 8 * MiB}
+"""The largest raw value read per key kind: a registration is a few hundred bytes, a
+load window of DeepSeek-V3 (58 x 256 numbers) about 300 KB, a plan for 2048 ranks a few
+MB. A larger value is refused before it is decoded."""
+MAX_DEPTH = 16
+"""The deepest nesting of a value (a plan's transfer sources sit 5 levels down)."""
+INT64_MAX = (1 << 63) - 1
+MAX_TEXT = 256
+"""Longest id, host, node, device or member token."""
+MAX_ENTRIES = 64
+"""Most entries of a by-name map (bytes by route, seconds by phase, requests served)."""
+MAX_LOAD = 1e18
+"""Largest load of one expert in one window: a sum over thousands of ranks stays finite."""
+MAX_SECONDS = 1e9
+MAX_COUNT = 1 << 46
+"""Largest count of a by-name map (bytes by route, requests served): a sum over
+:data:`MAX_RANKS` ranks stays within int64."""
 
 
 def member_token(rank_id: str, incarnation: str) -> str:
@@ -45,33 +78,245 @@ def member_id(token: str) -> str:
     return token.partition("#")[0]
 
 
-def _load(key: str, raw: bytes | str) -> dict[str, Any]:
-    try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MalformedValueError(f"{key}: not JSON ({e}): {bytes(raw)[:80]!r}") from None
-    if not isinstance(d, dict):
-        raise MalformedValueError(f"{key}: expected a JSON object, got {type(d).__name__}")
-    if d.get("schema") != SCHEMA:
-        raise MalformedValueError(f"{key}: schema {d.get('schema')!r}, this version reads schema {SCHEMA}")
-    return d
+# -- decoding ----------------------------------------------------------------------------
+class _Refused(ValueError):
+    """A number JSON can spell but a record must not hold."""
 
 
-def _field(key: str, d: dict[str, Any], name: str, typ: type | tuple[type, ...], optional: bool = False) -> Any:
-    if name not in d or d[name] is None:
-        if optional:
-            return None
-        raise MalformedValueError(f"{key}: field {name!r} missing")
-    v = d[name]
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise MalformedValueError(f"{key}: field {name!r} is {type(v).__name__}, expected {typ}")
+def _parse_int(text: str) -> int:
+    if len(text) > 20:  # more digits than int64 has; also spares int() a huge string
+        raise _Refused(f"integer {text[:24]}... is out of the int64 range")
+    v = int(text)
+    if not -INT64_MAX - 1 <= v <= INT64_MAX:
+        raise _Refused(f"integer {text} is out of the int64 range")
     return v
 
 
+def _parse_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise _Refused(f"number {text[:24]} is not finite (it overflows a double)")
+    return v
+
+
+def _parse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number a record may hold")
+
+
+_CHUNK = 1 << 18
+
+
+def _scan_chunk(b: np.ndarray, depth: int, run: int, parity: int) -> tuple[int, int, int, int]:
+    """One chunk of :func:`json_depth`: (depth, backslash run, quote parity) carried in
+    and out, and the deepest level inside the chunk."""
+    idx = np.arange(b.size, dtype=np.int64)
+    last_other = np.maximum.accumulate(np.where(b == 92, -1, idx))  # last non-backslash so far
+    before = np.empty(b.size, dtype=np.int64)  # backslashes right before each byte
+    before[0] = run
+    before[1:] = np.where(last_other[:-1] < 0, run + idx[1:], idx[:-1] - last_other[:-1])
+    quote = (b == 34) & (before % 2 == 0)
+    inside = (np.cumsum(quote) - quote + parity) % 2 == 1
+    step = ((b == 91) | (b == 123)).astype(np.int64) - ((b == 93) | (b == 125))
+    levels = depth + np.cumsum(np.where(inside, 0, step))
+    end_run = run + b.size if last_other[-1] < 0 else b.size - 1 - int(last_other[-1])
+    return int(levels[-1]), end_run, int((parity + quote.sum()) % 2), int(levels.max())
+
+
+def json_depth(data: bytes, limit: int = MAX_DEPTH) -> int:
+    """The deepest nesting of ``[`` and ``{`` outside strings in ``data`` (JSON text),
+    without recursion; stops early once past ``limit``. ``json_depth(b'[[1], {"a": "["}]') == 2``.
+
+    Why: ``json.loads`` recurses once per level and raises RecursionError on a deep
+    enough value; checking first keeps every decode shallow. On text that is not JSON
+    the count may be off, but only past the point where the decoder fails anyway."""
+    depth = run = parity = deepest = 0
+    view = np.frombuffer(data, dtype=np.uint8)
+    for start in range(0, view.size, _CHUNK):
+        depth, run, parity, most = _scan_chunk(view[start:start + _CHUNK], depth, run, parity)
+        deepest = max(deepest, most)
+        if deepest > limit:
+            break
+    return deepest
+
+
+def load_json(key: str, raw: Any, max_bytes: int, revision: int = 0) -> Any:
+    """The JSON value of ``raw`` (bytes or str) read at ``key``, or MalformedValueError:
+    larger than ``max_bytes``, not UTF-8, nested deeper than :data:`MAX_DEPTH`, NaN,
+    Infinity, a number that overflows a double, an integer outside int64, not JSON."""
+    def bad(what: str) -> MalformedValueError:
+        return MalformedValueError(f"{key}: {what}", key, revision)
+
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise bad(f"value is {describe(raw)}, not bytes")
+    data = bytes(raw)
+    if len(data) > max_bytes:
+        raise bad(f"value is {len(data)} bytes, more than the {max_bytes} this key may hold")
+    # Fewer openers than the limit cannot nest past it: most values skip the scan.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and (depth := json_depth(data)) > MAX_DEPTH:
+        raise bad(f"value is nested {depth}+ levels deep, more than {MAX_DEPTH}")
+    try:
+        return json.loads(data.decode("utf-8"), parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_parse_constant)
+    except _Refused as e:
+        raise bad(str(e)) from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise bad(f"not JSON ({str(e)[:120]}): {data[:80]!r}") from None
+
+
+def _record(key: str, raw: Any, kind: str, revision: int) -> "_Fields":
+    d = load_json(key, raw, MAX_BYTES[kind], revision)
+    if not isinstance(d, dict):
+        raise MalformedValueError(f"{key}: expected a JSON object, got {describe(d)}", key, revision)
+    if d.get("schema") != SCHEMA:
+        raise MalformedValueError(f"{key}: schema {describe(d.get('schema'))}, this version reads schema {SCHEMA}",
+                                  key, revision)
+    return _Fields(key, d, revision)
+
+
+def _ident(s: str, token: bool) -> bool:
+    """An id (no ``#``) or a member token: printable, no space, no ``/``."""
+    return s.isprintable() and not any(c in s for c in (" /" if token else " /#"))
+
+
+_REQUIRED: Any = object()
+
+
+class _Fields:
+    """The fields of one JSON object read at ``key``. Each getter checks type, range and
+    shape and raises MalformedValueError naming the key and the field. A field that is
+    absent takes ``default`` when there is one; ``null`` is never a valid value."""
+
+    def __init__(self, key: str, d: dict[str, Any], revision: int) -> None:
+        self.key, self.d, self.revision = key, d, revision
+
+    def bad(self, what: str) -> MalformedValueError:
+        return MalformedValueError(f"{self.key}: {what}", self.key, self.revision)
+
+    def _get(self, name: str, default: Any) -> Any:
+        if name not in self.d:
+            if default is _REQUIRED:
+                raise self.bad(f"field {name!r} missing")
+            return default
+        return self.d[name]
+
+    def _error(self) -> Callable[[str], Exception]:
+        return lambda what: self.bad(f"field {what}")
+
+    def text(self, name: str, max_len: int = MAX_TEXT, default: Any = _REQUIRED, ident: str = "") -> str:
+        """A string; ``ident="id"``: a rank id or incarnation, ``"token"``: a member token."""
+        v = self._get(name, default)
+        if not isinstance(v, str) or len(v) > max_len:
+            raise self.bad(f"field {name!r} is {describe(v)}, expected a string of at most {max_len} characters")
+        if ident and not _ident(v, ident == "token"):
+            raise self.bad(f"field {name!r} is {describe(v)}: ids are printable, without spaces, '/' or '#'")
+        return v.encode("utf-8", "replace").decode("utf-8")  # lone surrogates never reach a log or a put
+
+    def integer(self, name: str, lo: int, hi: int, default: Any = _REQUIRED) -> int:
+        return record_int(self._get(name, default), repr(name), lo, hi, self._error())
+
+    def number(self, name: str, lo: float, hi: float, default: Any = _REQUIRED) -> float:
+        v = self._get(name, default)
+        if type(v) not in (int, float) or not lo <= v <= hi:
+            raise self.bad(f"field {name!r} is {describe(v)}, expected a number in {lo}..{hi}")
+        return float(v)
+
+    def flag(self, name: str) -> bool:
+        v = self._get(name, _REQUIRED)
+        if not isinstance(v, bool):
+            raise self.bad(f"field {name!r} is {describe(v)}, expected true or false")
+        return v
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> str:
+        v = self._get(name, _REQUIRED)
+        if v not in allowed:
+            raise self.bad(f"{name} {describe(v)} is not one of {allowed}")
+        return v
+
+    def obj(self, name: str, default: Any = _REQUIRED) -> dict[str, Any]:
+        v = self._get(name, default)
+        if not isinstance(v, dict):
+            raise self.bad(f"field {name!r} is {describe(v)}, expected a JSON object")
+        return v
+
+    def integers(self, name: str, lo: int, hi: int, max_len: int, default: Any = _REQUIRED) -> list[int]:
+        return record_ints(self._get(name, default), repr(name), lo, hi, self._error(), max_len)
+
+    def tokens(self, name: str) -> list[str]:
+        """A list of distinct member tokens."""
+        v = self._get(name, _REQUIRED)
+        if not isinstance(v, list) or len(v) > MAX_RANKS:
+            raise self.bad(f"field {name!r} is {describe(v)}, expected a list of at most {MAX_RANKS} member tokens")
+        if not all(isinstance(t, str) and 0 < len(t) <= MAX_TEXT and _ident(t, True) for t in v):
+            raise self.bad(f"field {name!r}: every member must be a token 'id#incarnation'")
+        if len(set(v)) != len(v):
+            raise self.bad(f"field {name!r} names a member twice")
+        return v
+
+    def by_name(self, name: str, number: bool) -> dict[str, Any]:
+        """A map of short names to counts ``0 .. MAX_COUNT``, or (``number``) to seconds."""
+        v = self.obj(name, {})
+        if len(v) > MAX_ENTRIES or not all(len(k) <= 64 for k in v):
+            raise self.bad(f"field {name!r} has {len(v)} entries, expected at most {MAX_ENTRIES} short names")
+        for k, x in v.items():
+            ok = type(x) in (int, float) and 0 <= x <= MAX_SECONDS if number else type(x) is int and 0 <= x <= MAX_COUNT
+            if not ok:
+                want = f"seconds in 0..{MAX_SECONDS:g}" if number else f"an integer in 0..{MAX_COUNT}"
+                raise self.bad(f"field {name!r}: {describe(k)} is {describe(x)}, expected {want}")
+        return {k: float(x) for k, x in v.items()} if number else dict(v)
+
+    def table(self, name: str, hi: float) -> list[list[float]]:
+        """``[rows][cols]`` finite numbers in ``0..hi``: rectangular, at most
+        :data:`MAX_ELEMENTS` entries, at most :data:`MAX_LOGICAL` columns."""
+        v = self._get(name, _REQUIRED)
+        if not isinstance(v, list) or not all(isinstance(row, list) for row in v):
+            raise self.bad(f"field {name!r} is {describe(v)}, expected a list of lists of numbers")
+        cols = len(v[0]) if v else 0
+        if any(len(row) != cols for row in v):
+            raise self.bad(f"field {name!r} is ragged: every row must have {cols} entries like row 0")
+        if len(v) * max(cols, 1) > MAX_ELEMENTS or cols > MAX_LOGICAL:
+            raise self.bad(f"field {name!r} is {len(v)} x {cols}, larger than a record may hold")
+        if not all(type(x) in (int, float) and 0 <= x <= hi for row in v for x in row):
+            raise self.bad(f"field {name!r} must hold numbers in 0..{hi:g} only")
+        return [[float(x) for x in row] for row in v]
+
+    def suffix(self, rank_id: str) -> None:
+        """The key ends in ``/<rank_id>``: a rank writes only its own keys."""
+        if self.key.rpartition("/")[2] != rank_id:
+            raise self.bad(f"holds the record of rank {rank_id!r}; a rank's key ends with its id")
+
+
+def parse_epoch(key: str, raw: Any, revision: int = 0) -> int:
+    """The ``epoch`` key's value: a decimal ``0 .. MAX_EPOCH``, nothing else."""
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if not isinstance(raw, (bytes, bytearray)) or not 0 < len(raw) <= MAX_BYTES["epoch"] or not raw.isdigit():
+        shown = bytes(raw[:40]) if isinstance(raw, (bytes, bytearray)) else describe(raw)
+        raise MalformedValueError(f"{key}: not a decimal epoch: {shown!r}", key, revision)
+    epoch = int(raw)
+    if epoch > MAX_EPOCH:
+        raise MalformedValueError(f"{key}: epoch {epoch} is beyond {MAX_EPOCH}", key, revision)
+    return epoch
+
+
+def parse_leader(key: str, raw: Any, revision: int = 0) -> str:
+    """The ``leader`` key's value: a controller id (printable UTF-8, at most 256 bytes)."""
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    try:
+        text = bytes(raw).decode("utf-8") if isinstance(raw, (bytes, bytearray)) and len(raw) <= 256 else None
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not text.isprintable():
+        raise MalformedValueError(f"{key}: not a controller id: {describe(raw)}", key, revision)
+    return text
+
+
+# -- records -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankRecord:
     """One rank's registration: ``RankRecord("pod-3", host="10.0.0.7", device="cuda:3",
-    node="node-0", state="active", endpoint={"transport": "nixl"})``."""
+    node="node-0", state="active", endpoint={"transport": "nixl"}, pid=4242,
+    incarnation="1f0c9a2e")``. ``id``: printable, no space, ``/`` or ``#``."""
 
     id: str
     host: str
@@ -91,26 +336,25 @@ class RankRecord:
         return json.dumps({"schema": SCHEMA, **asdict(self)})
 
     @classmethod
-    def parse(cls, key: str, raw: bytes | str) -> "RankRecord":
-        d = _load(key, raw)
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "RankRecord":
+        f = _record(key, raw, "ranks", revision)
         rec = cls(
-            id=_field(key, d, "id", str), host=_field(key, d, "host", str), device=_field(key, d, "device", str),
-            node=_field(key, d, "node", str), state=_field(key, d, "state", str),
-            endpoint=_field(key, d, "endpoint", dict, True) or {}, pid=_field(key, d, "pid", int, True) or 0,
-            incarnation=_field(key, d, "incarnation", str, True) or "",
+            id=f.text("id", ident="id"), host=f.text("host"), device=f.text("device"), node=f.text("node"),
+            state=f.choice("state", STATES), endpoint=f.obj("endpoint", {}), pid=f.integer("pid", 0, 1 << 32, 0),
+            incarnation=f.text("incarnation", 64, "", ident="id"),
         )
-        if rec.state not in STATES:
-            raise MalformedValueError(f"{key}: state {rec.state!r} is not one of {STATES}")
-        if not key.endswith("/" + rec.id):
-            raise MalformedValueError(f"{key}: holds the record of rank {rec.id!r}")
+        if not rec.id:
+            raise f.bad("field 'id' is empty")
+        f.suffix(rec.id)
         return rec
 
 
 @dataclass(frozen=True)
 class LoadRecord:
-    """A rank's expert load window: ``load[layer][logical]`` tokens over ``window_s``;
-    ``served``: requests it answered so far, ``{"ok": n, "bad": m}`` (bad: a slot whose
-    bytes were wrong, from a rank that checks)."""
+    """A rank's expert load window: ``load[layer][logical]`` tokens over ``window_s``
+    (``[num_layers][num_logical]``, finite, ``0 .. MAX_LOAD``); ``served``: requests it
+    answered so far, ``{"ok": n, "bad": m}`` (bad: a slot whose bytes were wrong, from a
+    rank that checks). Example: ``LoadRecord("r0", [[3.0, 0.0], [1.0, 2.0]], 10.0, {"ok": 7}, [1, 2])``."""
 
     id: str
     load: list[list[float]]
@@ -123,19 +367,20 @@ class LoadRecord:
         return json.dumps({"schema": SCHEMA, **asdict(self)})
 
     @classmethod
-    def parse(cls, key: str, raw: bytes | str) -> "LoadRecord":
-        d = _load(key, raw)
-        load = _field(key, d, "load", list)
-        if not all(isinstance(row, list) and all(isinstance(x, (int, float)) and x >= 0 for x in row) for row in load):
-            raise MalformedValueError(f"{key}: load must be a list of lists of non-negative numbers")
-        return cls(_field(key, d, "id", str), load, float(_field(key, d, "window_s", (int, float))),
-                   _field(key, d, "served", dict, True) or {}, _field(key, d, "epochs", list, True) or [])
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "LoadRecord":
+        f = _record(key, raw, "load", revision)
+        rec = cls(f.text("id", ident="id"), f.table("load", MAX_LOAD), f.number("window_s", 0, MAX_SECONDS),
+                  f.by_name("served", number=False), f.integers("epochs", 0, MAX_EPOCH, 4096, []))
+        f.suffix(rec.id)
+        return rec
 
 
 @dataclass(frozen=True)
 class PlanRecord:
-    """A published plan: ``old_members[r]`` is the id of old rank ``r``, ``new_members[n]``
-    the id of new rank ``n``; ``bootstrap`` plans load every slot from disk (no old ranks)."""
+    """A published plan: ``old_members[r]`` is the member token of old rank ``r``,
+    ``new_members[n]`` that of new rank ``n``; ``bootstrap`` plans (``plan is None``)
+    load every slot from disk. Example: ``PlanRecord(2, "ctl-a", ["r0#a", "r1#b"],
+    ["r0#a"], <TransferPlan epoch 2>, <placement on 1 rank>, "dead ['r1#b'] ...")``."""
 
     epoch: int
     leader: str
@@ -154,23 +399,21 @@ class PlanRecord:
         })
 
     @classmethod
-    def parse(cls, key: str, raw: bytes | str) -> "PlanRecord":
-        d = _load(key, raw)
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "PlanRecord":
+        f = _record(key, raw, "plan", revision)
+        plan, placement_dict = f.d.get("plan"), f.obj("placement")
         try:
-            plan = None if d.get("plan") is None else TransferPlan.from_json(json.dumps(d["plan"]))
-            placement = ExpertPlacement.from_dict(_field(key, d, "placement", dict))
+            tp = None if plan is None else TransferPlan.from_dict(plan)
+            placement = ExpertPlacement.from_dict(placement_dict)
         except ElasticEPError as e:
-            raise MalformedValueError(f"{key}: {e}") from e
-        rec = cls(
-            epoch=_field(key, d, "epoch", int), leader=_field(key, d, "leader", str),
-            old_members=_field(key, d, "old_members", list), new_members=_field(key, d, "new_members", list),
-            plan=plan, placement=placement, reason=str(d.get("reason", "")),
-        )
-        if plan is not None and (plan.epoch != rec.epoch or len(rec.old_members) != plan.mapping.old_ep_size
-                                 or len(rec.new_members) != plan.mapping.new_ep_size):
-            raise MalformedValueError(f"{key}: plan epoch/sizes disagree with the record")
+            raise f.bad(str(e)) from None
+        rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.text("leader"), f.tokens("old_members"), f.tokens("new_members"),
+                  tp, placement, f.text("reason", 4096, ""))
+        if tp is not None and (tp.epoch != rec.epoch or len(rec.old_members) != tp.mapping.old_ep_size
+                               or len(rec.new_members) != tp.mapping.new_ep_size or tp.new != placement):
+            raise f.bad("the transfer plan's epoch, sizes or new placement disagree with the record")
         if len(rec.new_members) != placement.ep_size:
-            raise MalformedValueError(f"{key}: {len(rec.new_members)} members for {placement.ep_size} ranks")
+            raise f.bad(f"{len(rec.new_members)} members for {placement.ep_size} ranks")
         return rec
 
     def participants(self) -> list[str]:
@@ -183,7 +426,8 @@ class PlanRecord:
 
 @dataclass(frozen=True)
 class AckRecord:
-    """A rank's result for a plan: ``ok``, bytes by route, seconds by phase, or ``error``."""
+    """A rank's result for a plan: ``ok``, bytes by route, seconds by phase, or ``error``.
+    Example: ``AckRecord(3, "r1#b", True, {"peer": 4096}, {"transfer": 0.2}, mismatched=0)``."""
 
     epoch: int
     id: str
@@ -194,20 +438,29 @@ class AckRecord:
     mismatched: int = -1
     """Slots found not bit-exact by a rank that checks (synthetic weights); -1: not checked."""
 
+    @property
+    def succeeded(self) -> bool:
+        """Done and bit-exact: ``ok`` with no slot found mismatched. Bytes that differ
+        from the checkpoint are a failure, whatever ``ok`` says."""
+        return self.ok and self.mismatched <= 0
+
     def to_json(self) -> str:
         return json.dumps({"schema": SCHEMA, **asdict(self)})
 
     @classmethod
-    def parse(cls, key: str, raw: bytes | str) -> "AckRecord":
-        d = _load(key, raw)
-        return cls(_field(key, d, "epoch", int), _field(key, d, "id", str), _field(key, d, "ok", bool),
-                   _field(key, d, "bytes", dict, True) or {}, _field(key, d, "phases", dict, True) or {},
-                   str(d.get("error", "")), int(d.get("mismatched", -1)))
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "AckRecord":
+        f = _record(key, raw, "acks", revision)
+        rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.text("id", ident="token"), f.flag("ok"),
+                  f.by_name("bytes", number=False), f.by_name("phases", number=True), f.text("error", 8192, ""),
+                  f.integer("mismatched", -1, INT64_MAX, -1))
+        f.suffix(member_id(rec.id))
+        return rec
 
 
 @dataclass(frozen=True)
 class CommitRecord:
-    """The placement serving uses: ``members[r]`` is the id of rank ``r``."""
+    """The placement serving uses: ``members[r]`` is the member token of rank ``r``.
+    Example: ``CommitRecord(2, ["r0#a", "r2#c"], <placement on 2 ranks>, {"transfer": 1.5}, {"peer": 8192})``."""
 
     epoch: int
     members: list[str]
@@ -220,14 +473,16 @@ class CommitRecord:
                            "placement": self.placement.to_dict(), "phases": self.phases, "bytes": self.bytes})
 
     @classmethod
-    def parse(cls, key: str, raw: bytes | str) -> "CommitRecord":
-        d = _load(key, raw)
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "CommitRecord":
+        f = _record(key, raw, "committed", revision)
+        placement_dict = f.obj("placement")
         try:
-            placement = ExpertPlacement.from_dict(_field(key, d, "placement", dict))
+            placement = ExpertPlacement.from_dict(placement_dict)
         except ElasticEPError as e:
-            raise MalformedValueError(f"{key}: {e}") from e
-        rec = cls(_field(key, d, "epoch", int), _field(key, d, "members", list), placement,
-                  _field(key, d, "phases", dict, True) or {}, _field(key, d, "bytes", dict, True) or {})
+            raise f.bad(str(e)) from None
+        rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.tokens("members"), placement,
+                  f.by_name("phases", number=True), f.by_name("bytes", number=False))
         if len(rec.members) != placement.ep_size:
-            raise MalformedValueError(f"{key}: {len(rec.members)} members for {placement.ep_size} ranks")
+            raise f.bad(f"{len(rec.members)} members for {placement.ep_size} ranks")
         return rec
+

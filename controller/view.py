@@ -2,8 +2,9 @@
 ``elastic-ep status``, the demo and the chaos harness show and check.
 
 Every value is parsed by its record type (:mod:`controller.records`); a value that does
-not parse is left out of the view and listed in ``malformed`` (the caller reports it),
-so a bad key never stops a reader.
+not parse, a rank registered without a lease, or a key where no record belongs is left
+out of the view and listed in ``malformed`` (the caller reports it), so no value stops
+a reader: :func:`read_view` raises only when etcd cannot be read.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from controller.etcd_client import call
-from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_id
+from controller.etcd_client import read_ranges
+from controller.records import (
+    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_id, parse_epoch, parse_leader,
+)
 from elastic_ep.errors import MalformedValueError
 
 
@@ -22,8 +25,11 @@ class ClusterView:
 
     ``ranks``/``loads`` by rank id; ``acks`` by member token (``id#incarnation``), only
     those of the newest plan's epoch; ``malformed``: one message per value left out.
+    ``epoch``: the newest epoch known, the largest of the ``epoch`` key's value and the
+    plan's and commit's epochs (a malformed ``epoch`` value counts as absent).
     Example: 4 ranks after the bootstrap plan committed at epoch 1 ->
-    ``ClusterView(ranks={"r0": ..., ...}, epoch=1, plan=<epoch 1>, committed=<epoch 1>, acks={...})``.
+    ``ClusterView(ranks={"r0": ..., ...}, epoch=1, plan=<epoch 1>, committed=<epoch 1>, acks={...},
+    leases={"r0": 7587..., ...}, registered={"r0": 12, ...}, epoch_revision=31)``.
     """
 
     ranks: dict[str, RankRecord] = field(default_factory=dict)
@@ -34,6 +40,13 @@ class ClusterView:
     acks: dict[str, AckRecord] = field(default_factory=dict)
     malformed: list[str] = field(default_factory=list)
     leader: str | None = None
+    leases: dict[str, int] = field(default_factory=dict)
+    """Rank id -> the lease its key is held under (revoking it fences the rank)."""
+    registered: dict[str, int] = field(default_factory=dict)
+    """Rank id -> its key's create revision: the order in which ranks registered."""
+    epoch_revision: int = 0
+    """The ``epoch`` key's mod revision as read (0: absent), whatever its value: every
+    fenced write of the leader requires it unchanged."""
 
     def is_live(self, member: str) -> bool:
         """True while ``member`` (``id#incarnation``) is registered as that incarnation."""
@@ -54,51 +67,113 @@ class ClusterView:
         return c.members.index(r.token)
 
 
-def read_view(client: Any, root: str, on_malformed: Callable[[str, MalformedValueError], None] | None = None) -> ClusterView:
-    """Read every key under ``root`` in one range (one revision) and parse it.
+OnMalformed = Callable[[str, MalformedValueError], None]
+ParseCache = dict[tuple[str, int], Any]
+"""(key, mod revision) -> its record, or the MalformedValueError it raised: a value at a
+mod revision never changes, so a reader that keeps the cache parses each value once."""
+_PREFIXES = ("ranks", "load", "acks")
+_KEYS = ("epoch", "plan", "committed", "leader")
 
-    ``on_malformed(key, error)`` is called for each value left out (for logs and metrics).
-    """
-    kvs = call(client.get_prefix, f"read {root}", root + "/")
-    raw = {meta.key.decode(): value for value, meta in kvs}
-    view = ClusterView()
 
-    def parse(key: str, fn: Callable[[str, bytes], Any]) -> Any:
-        try:
-            return fn(key, raw[key])
-        except MalformedValueError as e:
-            view.malformed.append(str(e))
-            if on_malformed is not None:
-                on_malformed(key, e)
+class _Reader:
+    """Parses the values of one read into a view; every failure becomes an entry of
+    ``view.malformed`` and a call of ``on_malformed``, never an exception."""
+
+    def __init__(self, view: ClusterView, on_malformed: OnMalformed | None, cache: ParseCache | None) -> None:
+        self.view, self.on_malformed, self.cache = view, on_malformed, cache
+        self.used: ParseCache = {}
+
+    def report(self, e: MalformedValueError) -> None:
+        self.view.malformed.append(str(e))
+        if self.on_malformed is not None:
+            self.on_malformed(e.key, e)
+
+    def parse(self, fn: Callable[..., Any], value: bytes, meta: Any) -> Any:
+        key, rev = meta.key.decode("utf-8", "replace"), meta.mod_revision
+        out = self.cache.get((key, rev)) if self.cache is not None else None
+        if out is None:
+            out = _parse(fn, key, value, rev)
+        self.used[(key, rev)] = out
+        if isinstance(out, MalformedValueError):
+            self.report(out)
             return None
+        return out
 
-    for key in raw:
-        rel = key[len(root) + 1:]
-        if rel.startswith("ranks/") and (r := parse(key, RankRecord.parse)) is not None:
-            view.ranks[r.id] = r
-        elif rel.startswith("load/") and (ld := parse(key, LoadRecord.parse)) is not None:
+    def refuse(self, meta: Any, what: str) -> None:
+        key = meta.key.decode("utf-8", "replace")
+        self.report(MalformedValueError(f"{key}: {what}", key, meta.mod_revision))
+
+    def owned(self, fn: Callable[..., Any], prefix: str, value: bytes, meta: Any, owner: Callable[[Any], str]) -> Any:
+        """The record of a rank's own key ``<prefix><id>``; a record below a longer key
+        (``ranks/x/r0``) would shadow the real one, so it is refused."""
+        rec = self.parse(fn, value, meta)
+        if rec is not None and meta.key.decode("utf-8", "replace") != prefix + owner(rec):
+            self.refuse(meta, f"a record of rank {owner(rec)!r} below its key; it belongs at {prefix}{owner(rec)}")
+            return None
+        return rec
+
+
+def _parse(fn: Callable[..., Any], key: str, value: bytes, rev: int) -> Any:
+    """``fn(key, value, rev)``, or the MalformedValueError that says why not."""
+    try:
+        return fn(key, value, rev)
+    except MalformedValueError as e:
+        e.key, e.revision = key, rev
+        return e
+    except Exception as e:  # last resort: no value may stop a reader
+        return MalformedValueError(f"{key}: {type(e).__name__}: {str(e)[:200]}", key, rev)
+
+
+def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
+              cache: ParseCache | None = None) -> ClusterView:
+    """Read the deployment's keys under ``root`` at one revision and parse them.
+
+    ``on_malformed(key, error)`` is called for each value left out (for logs and
+    metrics); ``error.revision`` is the value's mod revision. ``cache``, kept by a
+    caller that reads again and again, spares parsing values that did not change (it
+    is left holding this read's values). Scratch keys (``store/``) are not read.
+    Raises only :class:`~elastic_ep.errors.EtcdUnavailableError` (or ``PermissionError``)
+    when etcd cannot be read.
+    """
+    ranges = read_ranges(client, f"read {root}", [f"{root}/{p}/" for p in _PREFIXES], [f"{root}/{k}" for k in _KEYS])
+    ranks, loads, acks, epoch, plan, committed, leader = ranges
+    view = ClusterView()
+    r = _Reader(view, on_malformed, cache)
+    _read_ranks(r, f"{root}/ranks/", ranks)
+    for value, meta in loads:
+        if (ld := r.owned(LoadRecord.parse, f"{root}/load/", value, meta, lambda x: x.id)) is not None:
             view.loads[ld.id] = ld
-    if f"{root}/epoch" in raw:
-        view.epoch = parse(f"{root}/epoch", _parse_epoch) or 0
-    if f"{root}/plan" in raw:
-        view.plan = parse(f"{root}/plan", PlanRecord.parse)
-    if f"{root}/committed" in raw:
-        view.committed = parse(f"{root}/committed", CommitRecord.parse)
-    if (leader := raw.get(f"{root}/leader")) is not None:
-        view.leader = leader.decode(errors="replace")
+    for value, meta in epoch:
+        view.epoch_revision = meta.mod_revision
+        view.epoch = r.parse(parse_epoch, value, meta) or 0
+    for value, meta in plan:
+        view.plan = r.parse(PlanRecord.parse, value, meta)
+    for value, meta in committed:
+        view.committed = r.parse(CommitRecord.parse, value, meta)
+    for value, meta in leader:
+        view.leader = r.parse(parse_leader, value, meta)
+    view.epoch = max([view.epoch] + [rec.epoch for rec in (view.plan, view.committed) if rec is not None])
     if view.plan is not None:
-        prefix = f"{root}/acks/"
-        for key in raw:
-            if key.startswith(prefix) and (a := parse(key, AckRecord.parse)) is not None and a.epoch == view.plan.epoch:
+        for value, meta in acks:
+            a = r.owned(AckRecord.parse, f"{root}/acks/", value, meta, lambda x: member_id(x.id))
+            if a is not None and a.epoch == view.plan.epoch:
                 view.acks[a.id] = a
+    if cache is not None:
+        cache.clear()
+        cache.update(r.used)
     return view
 
 
-def _parse_epoch(key: str, raw: bytes) -> int:
-    try:
-        epoch = int(raw)
-    except ValueError:
-        raise MalformedValueError(f"{key}: not an integer: {raw[:40]!r}") from None
-    if epoch < 0:
-        raise MalformedValueError(f"{key}: negative epoch {epoch}")
-    return epoch
+def _read_ranks(r: _Reader, prefix: str, kvs: list[tuple[bytes, Any]]) -> None:
+    """Registrations: a record under the rank's own key, held by a lease."""
+    for value, meta in kvs:
+        rec = r.owned(RankRecord.parse, prefix, value, meta, lambda x: x.id)
+        if rec is None:
+            continue
+        if not meta.lease_id:
+            r.refuse(meta, "registered without a lease; a rank puts its key under its own lease, so that the key "
+                           "goes when the rank does (it is ignored until then)")
+        else:
+            r.view.ranks[rec.id] = rec
+            r.view.leases[rec.id] = meta.lease_id
+            r.view.registered[rec.id] = meta.create_revision

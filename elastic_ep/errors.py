@@ -19,7 +19,10 @@ thing (layer, rank, file, tensor, key) and, where there is one, the fix.
     └── EtcdError              the control plane's store
         ├── EtcdUnavailableError   etcd cannot be reached (or lost quorum)
         ├── MalformedValueError    a value under the prefix that cannot be parsed
-        └── NotLeaderError         a write fenced off: this controller is not the leader
+        ├── DuplicateRankError     a rank id held by another live process
+        └── FencedWriteError       a controller's fenced write refused
+            ├── NotLeaderError         leadership was lost: step down
+            └── EpochMovedError        still the leader, the epoch moved: read again
 """
 
 from __future__ import annotations
@@ -98,13 +101,37 @@ class EtcdUnavailableError(EtcdError):
 
 
 class MalformedValueError(EtcdError, ValueError):
-    """A value under the deployment's prefix that is not what its key says it holds."""
+    """A value under the deployment's prefix that is not what its key says it holds.
+
+    ``key``: the etcd key; ``revision``: the value's mod revision (0 when unknown), so
+    that a reader reports each bad value once and a new bad value again."""
+
+    def __init__(self, message: str, key: str = "", revision: int = 0) -> None:
+        super().__init__(message)
+        self.key = key
+        self.revision = revision
 
 
-class NotLeaderError(EtcdError):
-    """A fenced write refused: leadership was lost or the epoch moved on."""
+class FencedWriteError(EtcdError):
+    """A controller's fenced write refused: the leader key or the epoch key is not what
+    the controller read."""
+
+
+class NotLeaderError(FencedWriteError):
+    """A fenced write refused because this controller no longer holds the leader key:
+    it steps down."""
+
+
+class EpochMovedError(FencedWriteError):
+    """A fenced write refused while this controller still leads: the epoch key changed
+    since it was read (another write landed first); read the deployment again."""
 
 
 class AgentStateError(ElasticEPError, RuntimeError):
     """A transition the agent's table does not allow (``drain()`` before registering,
     a second ``drain()``, anything after leaving)."""
+
+
+class DuplicateRankError(EtcdError):
+    """A registration refused: the rank's key is held by another live process (the same
+    id started twice); the message names its pid, host and incarnation."""

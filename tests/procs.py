@@ -12,18 +12,27 @@ import time
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, run_job
 
+EXIT_GRACE_S = 10.0
+"""How long a rank process may take to exit after it reported, whatever is left of the
+overall deadline: a loaded machine is slow to tear down torch and gloo, and a rank that
+reported must not be killed for it."""
 
-def run_jobs(jobs: list[RankJob], store=None, fault: FaultPoint | None = None, timeout: float = 90.0) -> dict:
-    """Spawn one process per job; with ``fault``, SIGKILL the victim when it reaches the
-    fault point and release the others. Returns results by old rank (or ``j<new>``)."""
+
+def run_jobs(jobs: list[RankJob], store=None, fault: FaultPoint | None = None, timeout: float = 90.0,
+             target=run_job) -> dict:
+    """Spawn one process per job running ``target(job, results)``; with ``fault``, SIGKILL
+    the victim when it reaches the fault point and release the others. Every rank reports
+    within ``timeout`` and then has ``EXIT_GRACE_S`` to exit. Returns results by old rank
+    (or ``j<new>``)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = {}
     for j in jobs:
-        p = ctx.Process(target=run_job, args=(j, results), daemon=True)
+        p = ctx.Process(target=target, args=(j, results), daemon=True)
         p.start()
         procs[j.old_rank if j.old_rank is not None else f"j{j.new_rank}"] = p
     out: dict = {}
+    reported_at: dict = {}
     deadline = time.monotonic() + timeout
     try:
         if fault is not None:
@@ -45,18 +54,27 @@ def run_jobs(jobs: list[RankJob], store=None, fault: FaultPoint | None = None, t
                 dead = [k for k, p in procs.items() if p.exitcode not in (None, 0) and not (fault and k == fault.victim)]
                 assert not dead, f"rank processes {dead} died"
                 continue
-            out[r["old_rank"] if r["old_rank"] is not None else f"j{r['new_rank']}"] = r
+            key = r["old_rank"] if r["old_rank"] is not None else f"j{r['new_rank']}"
+            out[key] = r
+            reported_at[key] = time.monotonic()
     finally:
-        for p in procs.values():
-            p.join(timeout=max(0.1, min(10, deadline - time.monotonic())))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        _reap(procs, reported_at)
     errors = {k: r["error"] for k, r in out.items() if "error" in r}
     assert not errors, errors
     codes = {k: p.exitcode for k, p in procs.items() if not (fault and k == fault.victim)}
     assert all(c == 0 for c in codes.values()), f"rank exit codes {codes}"
     return out
+
+
+def _reap(procs: dict, reported_at: dict) -> None:
+    """Wait for each rank to exit: ``EXIT_GRACE_S`` from its own report; a rank that never
+    reported (the run already failed) is killed at once."""
+    for k, p in procs.items():
+        t = reported_at.get(k)
+        p.join(timeout=0.1 if t is None else max(0.1, t + EXIT_GRACE_S - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 def check_exact(plan: TransferPlan, out: dict) -> None:

@@ -54,6 +54,8 @@ def agent(etcd_cfg):
     a = RankAgent(AgentConfig(etcd_cfg, "r0", lease_ttl_s=5), executor=None, load_initial=lambda p, r: 0)  # type: ignore[arg-type]
     yield a
     a.stop()
+    if a.lease is not None:  # the next test registers "r0" again: free the id now, not after the TTL
+        a.client.revoke_lease(a.lease.id)
     a.client.close()
 
 

@@ -135,3 +135,23 @@ def test_etcd_restart_declares_nobody_dead(cluster):
     c2 = _wait(lambda: (c := cluster.committed()) and c.epoch > c1.epoch and c, 60, "recovery after restart")
     assert len(c2.members) == 2
     cluster.check(c2)
+
+
+def test_controller_process_started_during_an_etcd_outage_waits_then_leads(tmp_path):
+    """``elastic-ep controller`` started while etcd is down stays up (no exit at
+    start-up) and leads once etcd answers."""
+    srv = EtcdServer()
+    c = Cluster(srv, str(tmp_path), str(tmp_path))
+    try:
+        c.controller("ctl-c")
+        time.sleep(3.0)
+        assert c.procs["ctl-c"].poll() is None, c.logs()
+        srv.start()
+        _wait(lambda: status(c.cfg)["leader"] == "ctl-c", 30, "ctl-c to lead once etcd is up")
+        assert c.procs["ctl-c"].poll() is None, c.logs()
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+        srv.close()

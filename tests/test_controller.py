@@ -1,9 +1,11 @@
 """The control plane against a real etcd server: bootstrap, SIGKILL of a rank, graceful
-leave, leader fencing, malformed values, an unreachable etcd."""
+leave, leader fencing, malformed and hostile values, ack deadlines, an unreachable etcd."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -17,11 +19,11 @@ from controller.decide import Kind
 from controller.etcd_client import EtcdConfig, connect
 from elastic_ep.tools.etcd_server import EtcdServer, free_port
 from elastic_ep.tools.invariants import check_commit, require
-from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord
+from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord, member_id
 from controller.store import EtcdStore
 from controller.view import read_view
 from elastic_ep.core.placement import initial_placement
-from elastic_ep.errors import EtcdUnavailableError, NotLeaderError
+from elastic_ep.errors import EpochMovedError, EtcdUnavailableError, MalformedValueError, NotLeaderError
 from elastic_ep.tools.polling import wait_for
 from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
@@ -67,6 +69,14 @@ def _wait(pred, timeout: float, what: str, poll: float = 0.05):
     v = wait_for(pred, timeout, poll)
     assert v, f"timed out after {timeout} s waiting for {what}"
     return v
+
+
+def _register(client, root: str, rid: str, inc: str = "a", state: str = "active", ttl: int = 60) -> int:
+    """Put rank ``rid``'s registration under a fresh lease (not kept alive: ``ttl``
+    outlasts the test); its lease id."""
+    lease = client.lease(ttl)
+    client.put(f"{root}/ranks/{rid}", RankRecord(rid, "h", "cpu", "n0", state, incarnation=inc).to_json(), lease=lease)
+    return lease.id
 
 
 def _committed(client, root) -> CommitRecord | None:
@@ -152,12 +162,15 @@ def test_stale_leader_publish_refused(etcd):
     # a's lease is lost (as after a long pause); b takes over.
     a.client.revoke_lease(a.election.lease.id)
     assert _wait(lambda: b.election.campaign(), 10, "b to win")
-    with pytest.raises(NotLeaderError, match="ctl-a"):
+    with pytest.raises(NotLeaderError, match="ctl-a lost leadership"):
         a.publish(rec, 0)
     assert not a.election.is_leader()
     b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
-    with pytest.raises(NotLeaderError):  # and b cannot publish on a stale epoch either
+    # b cannot publish on a stale epoch either; it learns that the epoch moved, and
+    # keeps leading.
+    with pytest.raises(EpochMovedError, match="moved since it was read"):
         b.publish(PlanRecord(1, "ctl-b", [], rec.new_members, None, rec.placement, "test"), 0)
+    assert b.election.is_leader()
     b.election.resign()
 
 
@@ -192,7 +205,7 @@ def test_step_acts_on_each_decision(etcd):
     ctl = _controller(etcd, min_ranks=3)
     root, client = ctl.root, ctl.client
     for rid in ("r0", "r1", "r2"):
-        client.put(f"{root}/ranks/{rid}", RankRecord(rid, "h", "cpu", "n0", "active", incarnation="a").to_json())
+        _register(client, root, rid)
     assert ctl.election.campaign()
 
     def ack_all(epoch: int, members: list[str]) -> None:
@@ -303,3 +316,233 @@ def test_standby_controller_stays_healthy(etcd):
             t.join(10)
         for s in servers:
             s.shutdown()
+
+
+# -- hostile values, ack deadlines, bounded plans: a live controller and hand-written ranks --
+class HandRanks:
+    """Ranks written by hand, each under its own lease, and a thread that acks every plan
+    they take part in as agents do (ok, bit-exact): the rank protocol without weights,
+    so a live controller can be driven in a second."""
+
+    def __init__(self, client, root: str, ids: list[str]) -> None:
+        self.client, self.root = client, root
+        self.leases = {rid: _register(client, root, rid) for rid in ids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _ack_once(self, acked: set) -> None:
+        v, _ = self.client.get(f"{self.root}/plan")
+        if v is None:
+            return
+        try:
+            rec = PlanRecord.parse("plan", v)
+        except MalformedValueError:
+            return
+        for m in rec.participants():
+            if member_id(m) in self.leases and (rec.epoch, m) not in acked:
+                self.client.put(f"{self.root}/acks/{member_id(m)}", AckRecord(rec.epoch, m, True, mismatched=0).to_json())
+                acked.add((rec.epoch, m))
+
+    def _run(self) -> None:
+        acked: set = set()
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(Exception):  # etcd hiccups: the next look tries again
+                self._ack_once(acked)
+
+    def kill(self, rid: str) -> None:
+        """Rank ``rid`` dies: its lease goes, and with it its key."""
+        self.client.revoke_lease(self.leases.pop(rid))
+
+    def __enter__(self) -> "HandRanks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@contextlib.contextmanager
+def _running(ctl: Controller):
+    """``ctl.run`` in a thread; on exit, checks that the loop was still alive."""
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        yield t
+        assert t.is_alive(), "the controller loop ended"
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def _sample(ctl: Controller, name: str) -> float:
+    return ctl.metrics.registry.get_sample_value(name) or 0.0
+
+
+HOSTILE = [  # (key, raw value, under a lease): what a rank's credentials (or a buggy rank) wrote
+    ("acks/r0", '{"schema": 1, "epoch": 1, "id": "r0#a", "ok": true, "mismatched": "x"}', False),
+    ("acks/r0", '{"schema": 1, "epoch": 1, "id": "r0#a", "ok": true, "mismatched": null}', False),
+    ("acks/r0", '{"schema": 1, "epoch": 1, "id": "r0#a", "ok": true, "mismatched": 1e400}', False),
+    ("load/r1", '{"schema": 1, "id": "r1", "load": [[1], [1, 2]], "window_s": 1}', False),
+    ("load/r1", '{"schema": 1, "id": "r1", "load": [%s], "window_s": 1}' % ",".join(["[1e400" + ", 1" * 7 + "]"] * 2),
+     False),
+    ("ranks/r8", "[" * 100_000, True),
+    ("ranks/r9", '{"a":' * 50_000, False),
+    ("plan", '{"schema": 1, "epoch": 1, "leader": "ctl-a", "old_members": [], "new_members": ["r0#a"], "plan": null, '
+             '"placement": {"slots_per_rank": 4, "num_logical": 8, "phy2log": [[%d, 1e400, 0, 0]]}}' % 10**30, False),
+]
+
+
+def test_hostile_values_never_stop_the_controller(etcd):
+    """Every value that once killed controllers, written while one leads: it keeps
+    leading, reports each value, ``elastic-ep status`` still answers, and the next
+    membership change is planned and committed (a 1e400 load no longer poisons plans)."""
+    from elastic_ep.tools.cli import status
+
+    ctl = _controller(etcd, min_ranks=3)
+    client, root = ctl.client, ctl.root
+    with _running(ctl), HandRanks(client, root, ["r0", "r1", "r2"]) as ranks:
+        c1 = _wait(lambda: _committed(client, root), 30, "bootstrap commit")
+        lease = client.lease(60)
+        for key, raw, leased in HOSTILE:
+            client.put(f"{root}/{key}", raw, lease=lease if leased else None)
+            time.sleep(0.2)  # a pass or two on each
+        assert ctl.election.is_leader()
+        assert _sample(ctl, "elastic_ep_malformed_values_total") >= len({k for k, _, _ in HOSTILE}) - 1
+        assert status(_cfg(etcd))["malformed"], "status reports, never fails"
+        ranks.kill("r2")
+        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r2 died")
+        assert c2.members == ["r0#a", "r1#a"] and ctl.election.is_leader()
+        assert _sample(ctl, "elastic_ep_reconcile_errors_total") == 0
+
+
+def test_malformed_value_logged_once_per_key_and_revision(etcd, caplog):
+    ctl = _controller(etcd, min_ranks=5)
+    client, root = ctl.client, ctl.root
+    assert ctl.election.campaign()
+    caplog.set_level(logging.ERROR, logger="controller.controller")
+    try:
+        client.put(f"{root}/ranks/r1", '{"schema": 1, "id": "r1", "state": 1e400}')
+        for _ in range(3):
+            ctl.step()
+        client.put(f"{root}/ranks/r1", '{"schema": 1, "id": "r1", "state": NaN}')  # a new bad value, same key
+        for _ in range(3):
+            ctl.step()
+        logged = [r.getMessage() for r in caplog.records if "ranks/r1" in r.getMessage()]
+        assert len(logged) == 2 and "not finite" in logged[0] and "NaN" in logged[1], logged
+        assert _sample(ctl, "elastic_ep_malformed_values_total") == 2
+        assert _sample(ctl, "elastic_ep_malformed_values_now") == 1
+    finally:
+        ctl.election.resign()
+
+
+def _bootstrapped(ctl: Controller, ids=("r0", "r1", "r2"), ack: bool = True) -> dict[str, int]:
+    """Ranks ``ids`` registered under leases and the bootstrap plan published (and, with
+    ``ack``, acked and committed) by hand-driven passes; their leases."""
+    client, root = ctl.client, ctl.root
+    leases = {rid: _register(client, root, rid) for rid in ids}
+    assert ctl.election.campaign()
+    assert ctl.step().kind is Kind.WAIT_BOOTSTRAP
+    time.sleep(ctl.cfg.settle_s)
+    boot = ctl.step()
+    assert boot.kind is Kind.BOOTSTRAP, boot
+    if ack:
+        for m in boot.record.new_members:
+            client.put(f"{root}/acks/{member_id(m)}", AckRecord(1, m, True, mismatched=0).to_json())
+        assert ctl.step().kind is Kind.COMMIT
+    return leases
+
+
+def test_mismatched_ack_is_never_committed(etcd):
+    """Bit-exactness is part of success: r2 acks ok with 2 slots wrong. Nothing commits;
+    r2 registers again, and the next plan refills its slots without reading from it."""
+    ctl = _controller(etcd, min_ranks=3)
+    client, root = ctl.client, ctl.root
+    try:
+        _bootstrapped(ctl, ack=False)
+        for rid in ("r0", "r1"):
+            client.put(f"{root}/acks/{rid}", AckRecord(1, f"{rid}#a", True, mismatched=0).to_json())
+        client.put(f"{root}/acks/r2", AckRecord(1, "r2#a", True, mismatched=2).to_json())
+        a = ctl.step()
+        assert a.kind is Kind.WAIT_FAILED and a.failed == ("r2#a",) and _committed(client, root) is None
+        _register(client, root, "r2", inc="b", state="joining")  # it fenced itself and registered again
+        a = ctl.step()
+        assert a.kind is Kind.PUBLISH and a.dead == ("r2#a",) and _committed(client, root) is None
+        plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
+        assert plan.plan.mapping.dead == {2} and plan.new_members[-1] == "r2#b"
+        assert all(s.rank != 2 for t in plan.plan.transfers for s in t.sources)
+    finally:
+        ctl.election.resign()
+
+
+def test_ack_timeout_revokes_the_silent_and_plans_without_them(etcd):
+    ctl = _controller(etcd, min_ranks=3, ack_timeout_s=0.5)
+    client, root = ctl.client, ctl.root
+    try:
+        leases = _bootstrapped(ctl, ack=False)
+        for rid in ("r0", "r1"):
+            client.put(f"{root}/acks/{rid}", AckRecord(1, f"{rid}#a", True, mismatched=0).to_json())
+        assert ctl.step().kind is Kind.WAIT_ACKS
+        time.sleep(0.6)
+        a = ctl.step()
+        assert a.kind is Kind.ACK_TIMEOUT and a.ranks == ("r2#a",) and a.leases == (leases["r2"],)
+        assert client.get(f"{root}/ranks/r2")[0] is None, "the fence: r2's key went with its lease"
+        assert _sample(ctl, "elastic_ep_revoked_leases_total") == 1
+        a = ctl.step()
+        assert a.kind is Kind.PUBLISH and a.dead == ("r2#a",) and a.record.new_members == ["r0#a", "r1#a"]
+    finally:
+        ctl.election.resign()
+
+
+def test_leaseless_ranks_are_ignored_and_joiners_capped(etcd):
+    """2000 lease-less joining keys once made a 2004-rank plan; now they are reported and
+    ignored, and leased joiners enter ``max_joiners_per_plan`` at a time, oldest first."""
+    ctl = _controller(etcd, min_ranks=3, max_joiners_per_plan=2)
+    client, root = ctl.client, ctl.root
+    try:
+        _bootstrapped(ctl)
+        for i in range(200):
+            client.put(f"{root}/ranks/x{i:03d}", RankRecord(f"x{i:03d}", "h", "cpu", "n0", "joining").to_json())
+        assert ctl.step().kind is Kind.STEADY
+        assert _sample(ctl, "elastic_ep_malformed_values_total") == 200
+        for rid in ("j5", "j3", "j9", "j1"):  # registration order, not id order
+            _register(client, root, rid, inc="z", state="joining")
+        assert ctl.step().kind is Kind.SETTLING
+        time.sleep(ctl.cfg.settle_s)
+        a = ctl.step()
+        assert a.kind is Kind.PUBLISH and a.record.new_members[3:] == ["j3#z", "j5#z"], a.record.new_members
+    finally:
+        ctl.election.resign()
+
+
+def test_malformed_epoch_value_does_not_move_leadership(etcd):
+    """An ``epoch`` key of ``abc``: the fence compares the key's mod revision, so the
+    leader keeps leading and its next publish overwrites the value (max epoch + 1)."""
+    ctl = _controller(etcd, min_ranks=3)
+    client, root = ctl.client, ctl.root
+    with _running(ctl), HandRanks(client, root, ["r0", "r1", "r2"]) as ranks:
+        c1 = _wait(lambda: _committed(client, root), 30, "bootstrap commit")
+        client.put(f"{root}/epoch", "abc")
+        time.sleep(1.0)
+        ranks.kill("r1")
+        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r1 died")
+        assert c2.epoch == 2 and client.get(f"{root}/epoch")[0] == b"2"
+        assert ctl.election.is_leader() and _sample(ctl, "elastic_ep_fenced_writes_total") == 0
+
+
+def test_controller_started_before_etcd_waits_for_it():
+    """A standby started during an etcd outage must not exit: it waits and then leads."""
+    srv = EtcdServer()
+    ctl = Controller(ControllerConfig(EtcdConfig(srv.endpoint, deployment="t", timeout_s=1.0),
+                                      ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes), id="ctl-a",
+                                      leader_ttl_s=2))
+    assert ctl.client is None and ctl.election is None
+    try:
+        with _running(ctl) as t:
+            time.sleep(1.5)
+            assert t.is_alive() and _sample(ctl, "elastic_ep_etcd_unavailable_total") >= 1
+            srv.start()
+            _wait(lambda: ctl.election is not None and ctl.election.is_leader(), 30, "leadership once etcd is up")
+    finally:
+        srv.close()

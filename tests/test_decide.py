@@ -344,3 +344,91 @@ def test_published_placement_keeps_experts_in_their_slots() -> None:
         kept = [(layer, i) for layer in range(MODEL.num_layers) for i in range(spr)
                 if before[layer, i] in after[layer]]
         assert all(after[layer, i] == before[layer, i] for layer, i in kept)
+
+
+# -- bit-exactness, ack deadlines, bounded plans ------------------------------------------
+def test_mismatched_ack_is_a_failure_never_committed() -> None:
+    """r3 acked ok but found 2 slots not bit-exact: no commit; once it registers again
+    its old member is dead, and the next plan reads nothing from it."""
+    view = in_flight_view(OLD, R, 1, *R, acks={m: True for m in OLD + [tok("r3")]})
+    view.acks[tok("r3")] = AckRecord(2, tok("r3"), True, mismatched=2)
+    a = decide(view, Memory(last_rebalance=0.0), CFG, T0)
+    assert a.kind is Kind.WAIT_FAILED and a.failed == (tok("r3"),) and a.record is None
+    again = replace(view, ranks=ranks(R[0], R[1], R[2], rank("r3", "b", state="joining")))
+    a = decide(again, a.memory, CFG, T0 + 1)
+    rec = check_plan(a, again)
+    assert a.kind is Kind.PUBLISH and a.dead == (tok("r3"),) and rec.plan.mapping.dead == {3}
+    assert all(s.rank != 3 for t in rec.plan.transfers for s in t.sources), "a mismatched rank is never a source"
+
+
+def test_a_mismatched_old_member_is_not_a_source_of_the_next_plan() -> None:
+    """Old member r1 reported mismatches; after it registers again the plan refills its
+    slots from the others (or disk) and never names old rank 1."""
+    view = in_flight_view(OLD, R, 1, *R, acks={m: True for m in OLD + [tok("r3")]})
+    view.acks[tok("r1")] = AckRecord(2, tok("r1"), True, mismatched=1)
+    assert decide(view, Memory(last_rebalance=0.0), CFG, T0).kind is Kind.WAIT_FAILED
+    again = replace(view, ranks=ranks(R[0], rank("r1", "b", state="joining"), R[2], R[3]))
+    a = decide(again, Memory(last_rebalance=0.0), CFG, T0)
+    rec = check_plan(a, again)
+    assert rec.plan.mapping.dead == {1} and tok("r1", "b") in rec.new_members
+    assert all(s.rank != 1 for t in rec.plan.transfers for s in t.sources)
+
+
+def with_leases(view: ClusterView) -> ClusterView:
+    return replace(view, leases={rid: 1000 + i for i, rid in enumerate(sorted(view.ranks))})
+
+
+def test_ack_timeout_fences_the_silent_then_plans_without_them() -> None:
+    view = with_leases(in_flight_view(OLD, R, 1, *R, acks={tok("r0"): True, tok("r1"): True, tok("r3"): True}))
+    mem = Memory(last_rebalance=0.0, sent={2: T0})
+    a = decide(view, mem, CFG, T0 + CFG.ack_timeout_s + 1)
+    assert a.kind is Kind.ACK_TIMEOUT and a.ranks == (tok("r2"),) and a.leases == (view.leases["r2"],)
+    assert "no ack within" in a.reason and a.record is None
+    # The lease is revoked: r2's key is gone. The next pass plans without it, at once.
+    fenced = replace(view, ranks=ranks(R[0], R[1], R[3]), leases={k: v for k, v in view.leases.items() if k != "r2"})
+    a = decide(fenced, a.memory, CFG, T0 + CFG.ack_timeout_s + 2)
+    rec = check_plan(a, fenced)
+    assert a.dead == (tok("r2"),) and rec.plan.mapping.dead == {2}
+    assert rec.new_members == [tok("r0"), tok("r1"), tok("r3")]
+
+
+def test_a_failed_participant_that_never_registers_again_is_fenced() -> None:
+    view = with_leases(in_flight_view(OLD, R, 1, *R, acks={m: True for m in OLD} | {tok("r3"): False}))
+    mem = Memory(last_rebalance=0.0, sent={2: T0})
+    assert decide(view, mem, CFG, T0 + 1).kind is Kind.WAIT_FAILED
+    a = decide(view, mem, CFG, T0 + CFG.ack_timeout_s + 1)
+    assert a.kind is Kind.ACK_TIMEOUT and a.ranks == (tok("r3"),) and a.leases == (view.leases["r3"],)
+
+
+def test_joiners_are_capped_per_plan_oldest_registration_first() -> None:
+    joiners = [rank(f"j{i:02d}", "z", state="joining") for i in range(20)]
+    view = steady_view(rank("r0"), rank("r1"), rank("r2"), *joiners, members=OLD)
+    # j19 registered first, then j18, ...: registration order, not id order, decides.
+    view = replace(view, registered={r.id: 100 - i for i, r in enumerate(joiners)})
+    cfg = replace(CFG, settle_s=0.0, max_joiners_per_plan=4)
+    a = decide(view, Memory(last_rebalance=0.0), cfg, T0)
+    rec = check_plan(a, view)
+    assert rec.plan.mapping.num_joining == 4
+    assert rec.new_members == OLD + [tok(f"j{i}", "z") for i in (16, 17, 18, 19)]
+
+
+def test_bootstrap_takes_at_most_min_ranks_or_the_joiner_cap() -> None:
+    view = ClusterView(ranks=ranks(*[rank(f"r{i:02d}") for i in range(40)]))
+    a = decide(view, Memory(last_rebalance=0.0), replace(CFG, settle_s=0.0, max_joiners_per_plan=5), T0)
+    assert a.kind is Kind.BOOTSTRAP and len(a.record.new_members) == 5
+    a = decide(view, Memory(last_rebalance=0.0), replace(CFG, settle_s=0.0, min_ranks=8, max_joiners_per_plan=5), T0)
+    assert a.kind is Kind.BOOTSTRAP and len(a.record.new_members) == 8
+
+
+def test_the_joiner_cap_must_be_positive() -> None:
+    from elastic_ep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_joiners_per_plan"):
+        replace(CFG, max_joiners_per_plan=0)
+
+
+def test_load_of_a_rank_that_is_not_registered_is_not_counted() -> None:
+    """A hot expert reported only by a rank that is not registered changes nothing."""
+    ghost = ClusterView(ranks=ranks(rank("r0"), rank("r1"), rank("r2")), loads=skewed_loads(["ghost"], hot=5))
+    a = decide(ghost, Memory(last_rebalance=0.0), replace(CFG, settle_s=0.0), T0)
+    assert a.kind is Kind.BOOTSTRAP and (a.record.placement.logcnt[:, 5] == 1).all()

@@ -238,6 +238,16 @@ def rewrite_header(path, edit):
         f.write(struct.pack("<Q", len(raw)) + raw + data)
 
 
+def replace_header(path, raw):
+    """Put ``raw`` where the header of a safetensors file is, keeping its data."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + n)
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
 def patch_bytes(path, offset, raw):
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -290,6 +300,13 @@ BAD_FILES = {
     "invalid json": (lambda d: patch_bytes(shard_of(d, GATE), 8, b"[{"), CorruptCheckpointError, "not a JSON object"),
     "json array": (lambda d: rewrite_header(shard_of(d, GATE), lambda e: [e]), CorruptCheckpointError,
                    "not a JSON object"),
+    "json nested deep": (lambda d: replace_header(shard_of(d, GATE), b"[" * 200_000 + b"]" * 200_000),
+                         CorruptCheckpointError, "nested deeper"),
+    "json huge integer": (lambda d: replace_header(shard_of(d, GATE), b'{"a": ' + b"9" * 5000 + b"}"),
+                          CorruptCheckpointError, "not a JSON object"),
+    "entry huge shape": (break_entry(shape=[1] * 100_000), CorruptCheckpointError, "malformed"),
+    "entry huge dims": (break_entry(shape=[2**64, 1]), CorruptCheckpointError, "malformed"),
+    "entry huge value": (break_entry(data_offsets=[[0] * 100_000, 0]), CorruptCheckpointError, "malformed"),
     "offsets vs shape": (break_entry(shape=[16, 33]), CorruptCheckpointError, "span"),
     "offsets past end": (break_entry(data_offsets=[0, 1 << 30], shape=[1 << 29]), CorruptCheckpointError, "truncated"),
     "entry malformed": (break_entry(data_offsets="0-1024"), CorruptCheckpointError, "malformed"),
@@ -316,10 +333,11 @@ def test_bad_checkpoint_files(tmp_path, case):
     for src in sources:
         err = assert_fails_cleanly(src, good + [ExpertRequest(1, 2, 4)], weights, error)
         assert text in str(err) and isinstance(err, CheckpointError)
+        assert len(str(err)) < 2000, "a message quotes what it refuses in brief"
         # Every message names the file; those about one tensor name it too.
         assert os.path.basename(shard_of(str(tmp_path), GATE)) in str(err)
         assert GATE in str(err) or case in ("deleted shard", "truncated", "header length", "invalid json",
-                                            "json array")
+                                            "json array", "json nested deep", "json huge integer")
 
 
 def test_missing_tensor_names_the_tensor_and_fix(tmp_path):

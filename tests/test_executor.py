@@ -259,3 +259,22 @@ def test_a_poisoned_staging_buffer_is_retired_and_its_bytes_kept() -> None:
     assert tp.staging is not staging and torch.equal(tp.staging, staging)
     assert len(tp.retired_staging) == 1 and tp.retired_staging[0] is staging
     assert tp.held_staging_bytes() == 2 * staging.numel()
+
+
+def _report_then_linger(job: Any, results: Any) -> None:
+    """A rank that reports at once and exits only a second after the harness's deadline,
+    as a rank tearing down slowly on a loaded machine does."""
+    import time
+
+    results.put({"old_rank": job.old_rank, "new_rank": None})
+    time.sleep(max(0.0, job.deadline - time.time()) + 1.0)
+
+
+def test_harness_lets_ranks_that_reported_exit_after_the_deadline():
+    import time
+    from types import SimpleNamespace
+
+    timeout = 8.0
+    job = SimpleNamespace(old_rank=0, new_rank=None, deadline=time.time() + timeout)
+    out = run_jobs([job], timeout=timeout, target=_report_then_linger)
+    assert list(out) == [0]

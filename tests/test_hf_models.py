@@ -22,7 +22,8 @@ pytest.importorskip("transformers", reason="the model-directory tests write chec
                                            "(pip install -e '.[dev]')")
 
 from elastic_ep.tools.cli import main  # noqa: E402
-from elastic_ep.errors import CheckpointError, ConfigError, MissingFileError, MissingTensorError  # noqa: E402
+from elastic_ep.errors import CheckpointError, ConfigError, CorruptCheckpointError, MissingFileError  # noqa: E402
+from elastic_ep.errors import MissingTensorError  # noqa: E402
 from elastic_ep.errors import TensorMismatchError, UnsupportedModelError  # noqa: E402
 from elastic_ep.runtime.executor import Participants  # noqa: E402
 from elastic_ep.tools.synthetic_rank import RankJob, scenario  # noqa: E402
@@ -219,6 +220,30 @@ def test_config_not_json(models, tmp_path):
     with open(os.path.join(d, "config.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(CheckpointError, match="not a JSON config"):
+        open_model(d)
+
+
+@pytest.mark.parametrize("raw,text", [
+    (b'{"num_hidden_layers": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested deeper"),
+    (b'{"n": ' + b"7" * 5000 + b"}", "digits"),
+    (b"\x00\xff garbage", "not a JSON config"),
+])
+def test_config_nested_deep_or_garbage(models, tmp_path, raw, text):
+    d = _copy(models, "mixtral", tmp_path)
+    with open(os.path.join(d, "config.json"), "wb") as f:
+        f.write(raw)
+    with pytest.raises(CorruptCheckpointError, match=text) as e:
+        open_model(d)
+    assert os.path.join(d, "config.json") in str(e.value) and "copy it again" in str(e.value)
+
+
+def test_config_values_of_the_wrong_type(models, tmp_path):
+    d = _copy(models, "mixtral", tmp_path)
+    _edit_json(d, "config.json", lambda c: c.update(model_type=["mixtral"], architectures={"a": 1}))
+    with pytest.raises(UnsupportedModelError, match="'\\?'"):
+        open_model(d)
+    _edit_json(d, "config.json", lambda c: c.update(model_type="mixtral", num_hidden_layers=10**15))
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
         open_model(d)
 
 

@@ -186,7 +186,25 @@ def test_cli_make_checkpoint(tmp_path, capsys):
     for name, t in expert_tensors(spec, 1, 3).items():
         assert name.startswith("model.layers.2.block_sparse_moe.experts.3.") and torch.equal(stored[name], t)
     assert main(args) == 2  # refuses to write a second checkpoint beside the first
-    assert "already holds" in capsys.readouterr().err
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0  # or replaces it when told to
+
+
+def test_make_checkpoint_leaves_other_files_alone(tmp_path):
+    spec = SyntheticSpec(layers=1, experts=2, hidden=16, intermediate=8)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty"):
+        make_checkpoint(tmp_path, spec)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_text("keep")
+    os.symlink(outside, tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="symlink"):
+        make_checkpoint(tmp_path, spec, force=True)
+    os.remove(tmp_path / "config.json")
+    make_checkpoint(tmp_path, spec, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt"]
+    assert outside.read_text() == "keep" and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("scheme,dtype,dense,family", [

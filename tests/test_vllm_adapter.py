@@ -306,3 +306,42 @@ def test_agent_reads_the_model_directory_and_refuses_another_models_layout(ckpts
     a = VllmExpertAdapter(vllm_weights(other, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
     with pytest.raises(ConfigError, match=r"its experts are .*this engine's slots .*serve the model"):
         a.agent(settings)
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="needs an etcd binary")
+def test_a_fenced_rank_stops_the_engines_steps_until_it_is_refilled(ckpts):
+    """The adapter's agent fenced (its lease lost): the engine's steps are refused at
+    once, the weights count as unknown, and re-registering does not serve them again."""
+    from controller.etcd_client import EtcdConfig, connect
+    from controller.records import PlanRecord
+    from elastic_ep.runtime.wiring import AgentSettings
+    from elastic_ep.tools.etcd_server import EtcdServer
+
+    with EtcdServer() as srv:
+        cfg = EtcdConfig(srv.endpoint, deployment="fence", timeout_s=2.0)
+        client = connect(cfg)
+        adapter = VllmExpertAdapter(vllm_weights(BF16, SLOTS), torch.zeros(2, 2 * SLOTS, dtype=torch.int64))
+        agent = adapter.agent(AgentSettings(AgentConfig(cfg, "engine-a", lease_ttl_s=2), checkpoint=ckpts["bf16"]),
+                              scheme=BF16.naming)
+        try:
+            agent.register()
+            # The leader's publish: epoch and plan in one transaction (engine-a is rank 0 of 2).
+            rec = PlanRecord(1, "ctl", [], [agent.token, "engine-b#0"], None, initial_placement(2, 8, 2, SLOTS))
+            tx = client.transactions
+            client.put(f"{cfg.root}/leader", "ctl")
+            client.transaction(compare=[], success=[tx.put(f"{cfg.root}/epoch", "1"),
+                                                    tx.put(f"{cfg.root}/plan", rec.to_json())], failure=[])
+            assert agent.poll_once() == "acked"
+            with adapter.step() as ok:
+                assert ok and adapter.rank == 0
+            agent.fenced.set()  # what the lease thread raises when the lease is lost
+            with adapter.step() as ok:
+                assert not ok, "a fenced rank's engine must not step"
+            assert agent.poll_once() == "re-registered"
+            assert adapter.state is AdapterState.UNKNOWN and (adapter.held == -1).all()
+            with adapter.step() as ok:
+                assert not ok, "registering again does not make the old weights servable"
+        finally:
+            agent.stop()
+            agent.executor.transport.close()
+            client.close()

@@ -20,7 +20,7 @@ so rank 0 holds experts 0..8 and rank 31 holds 279..287 -> 23..31.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -182,14 +182,84 @@ class ExpertPlacement:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExpertPlacement":
-        try:
-            phy2log = np.asarray(d["phy2log"], dtype=np.int64)
-            slots, logical = int(d["slots_per_rank"]), int(d["num_logical"])
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise PlacementError(f"placement record is malformed ({e!r}); expected keys phy2log, slots_per_rank, "
-                                 "num_logical") from e
-        return cls(phy2log, slots, logical)
+    def from_dict(cls, d: Any) -> "ExpertPlacement":
+        """The placement of a record (``to_dict``'s shape), validated. Anything else, a
+        hostile value included, raises :class:`PlacementError` before an array is built."""
+        if not isinstance(d, dict) or not {"phy2log", "slots_per_rank", "num_logical"} <= d.keys():
+            raise PlacementError(f"placement record is malformed ({describe(d)}); expected keys phy2log, "
+                                 "slots_per_rank, num_logical")
+        slots = record_int(d["slots_per_rank"], "placement slots_per_rank", 1, MAX_SLOTS_PER_RANK)
+        logical = record_int(d["num_logical"], "placement num_logical", 1, MAX_LOGICAL)
+        phy2log = record_matrix(d["phy2log"], "placement phy2log", 0, logical - 1)
+        placement = cls(phy2log, slots, logical)
+        placement.validate()
+        return placement
+
+
+# -- reading records ---------------------------------------------------------------------
+# Records come from etcd, where anything may have been written: every bound is checked
+# before an array is allocated, and every defect raises the caller's typed error.
+MAX_SLOTS_PER_RANK = 1 << 12
+MAX_LOGICAL = 1 << 16
+MAX_ELEMENTS = 1 << 22
+"""The most entries an array of a record may hold (a DeepSeek-V3 placement on 2048
+ranks holds 58 x 18432 = 1.07M)."""
+
+
+def describe(value: Any) -> str:
+    """A short description of a value read from a record, safe for any value: huge ints
+    and deep nestings are described, not printed."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    size = f" of {len(value)}" if isinstance(value, (list, dict, bytes)) else ""
+    return f"a {type(value).__name__}{size}"
+
+
+def record_int(value: Any, name: str, lo: int, hi: int,
+               error: Callable[[str], Exception] = PlacementError) -> int:
+    """``value`` when it is an int (not a bool) in ``lo..hi``, else ``error`` naming ``name``.
+
+    ``record_int(3, "slots_per_rank", 1, 4096) == 3``."""
+    if type(value) is not int:
+        raise error(f"{name} must be an integer in {lo}..{hi}, got {describe(value)}")
+    if not lo <= value <= hi:
+        raise error(f"{name} {describe(value)} is out of range {lo}..{hi}")
+    return value
+
+
+def record_ints(value: Any, name: str, lo: int, hi: int, error: Callable[[str], Exception] = PlacementError,
+                max_len: int = MAX_ELEMENTS) -> list[int]:
+    """``value`` when it is a list of at most ``max_len`` ints in ``lo..hi``, else
+    ``error`` naming ``name``. ``record_ints([0, 2], "dead", 0, 3) == [0, 2]``."""
+    if not isinstance(value, list) or len(value) > max_len:
+        raise error(f"{name} must be a list of at most {max_len} integers, got {describe(value)}")
+    bad = [x for x in value if type(x) is not int][:1]
+    if bad:
+        raise error(f"{name} must hold integers only, got {describe(bad[0])}")
+    if value and (min(value) < lo or max(value) > hi):
+        raise error(f"{name} holds {describe(min(value) if min(value) < lo else max(value))}, out of range {lo}..{hi}")
+    return value
+
+
+def record_matrix(value: Any, name: str, lo: int, hi: int,
+                  error: Callable[[str], Exception] = PlacementError) -> np.ndarray:
+    """int64 ``[rows, cols]`` from a non-empty list of equal-length lists of ints in
+    ``lo..hi`` (at most :data:`MAX_ELEMENTS`), else ``error`` naming ``name``: a ragged
+    or oversized value is refused before anything is allocated."""
+    if not isinstance(value, list) or not value or not isinstance(value[0], list):
+        raise error(f"{name} must be a non-empty list of lists of integers, got {describe(value)}")
+    cols = len(value[0])
+    if len(value) * max(cols, 1) > MAX_ELEMENTS:
+        raise error(f"{name} is {len(value)} x {cols}, more than {MAX_ELEMENTS} entries")
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != cols:
+            raise error(f"{name} row {i} is {describe(row)}, expected a list of {cols} integers like row 0")
+        record_ints(row, f"{name} row {i}", lo, hi, error)
+    return np.array(value, dtype=np.int64).reshape(len(value), cols)
 
 
 def initial_placement(

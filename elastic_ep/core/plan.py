@@ -23,11 +23,16 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from elastic_ep.errors import PlanError
-from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.errors import PlacementError, PlanError, RankMappingError
+from elastic_ep.core.placement import ExpertPlacement, describe, record_int, record_ints
 from elastic_ep.core.rank_mapping import RankMapping
 
 SCHEMA_VERSION = 1
+MAX_PLAN_BYTES = 64 << 20
+"""The longest plan text :meth:`TransferPlan.from_json` reads."""
+MAX_EPOCH = 1 << 53
+"""Epochs stay below this (exact in every JSON reader, and ``+ 1`` never overflows)."""
+MAX_EXPERT_BYTES = 1 << 50
 DISK = -1
 """``Source.rank`` of the safetensors checkpoint."""
 
@@ -171,6 +176,8 @@ class TransferPlan:
             for s in t.sources[:-1]:
                 if s.rank not in live:
                     raise PlanError(f"{where}: source rank {s.rank} is dead")
+                if not 0 <= s.slot < spr:
+                    raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} is out of range 0..{spr - 1}")
                 if old.phy2log[t.layer, s.rank * spr + s.slot] != t.logical:
                     raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} does not hold expert {t.logical}")
                 want = "local" if s.rank == new_to_old[t.dst_rank] else "peer"
@@ -203,41 +210,82 @@ class TransferPlan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "TransferPlan":
-        """Parse and validate; any defect raises :class:`PlanError`."""
+        """Parse and validate; any defect, a hostile value included, raises :class:`PlanError`."""
+        if len(text) > MAX_PLAN_BYTES:
+            raise PlanError(f"plan is {len(text)} bytes, more than the {MAX_PLAN_BYTES} a plan may have")
         try:
-            d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from e
+            d = json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
+            raise PlanError(f"plan is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TransferPlan":
+        """The plan of a decoded record (``to_json``'s shape), validated."""
         if not isinstance(d, dict) or d.get("schema") != SCHEMA_VERSION:
-            got = d.get("schema") if isinstance(d, dict) else type(d).__name__
-            raise PlanError(f"plan schema {got!r} is not supported; this build reads schema {SCHEMA_VERSION}")
+            got = describe(d.get("schema")) if isinstance(d, dict) else describe(d)
+            raise PlanError(f"plan schema {got} is not supported; this build reads schema {SCHEMA_VERSION}")
+        absent = sorted({"epoch", "mapping", "old", "new", "expert_bytes", "transfers", "missing"} - d.keys())
+        if absent:
+            raise PlanError(f"plan record is malformed: fields {absent} missing")
         try:
             mapping = RankMapping.from_dict(d["mapping"])
-            old = ExpertPlacement.from_dict(d["old"])
-            new = ExpertPlacement.from_dict(d["new"])
-            new_to_old = mapping.new_to_old()
-            transfers = tuple(
-                Transfer(
-                    int(layer), int(dst), int(slot), int(logical),
-                    tuple(Source(int(r), int(s), _route(int(r), new_to_old[int(dst)])) for r, s in srcs),
-                )
-                for layer, dst, slot, logical, srcs in d["transfers"]
-            )
-            plan = cls(
-                epoch=int(d["epoch"]),
-                mapping=mapping,
-                old=old,
-                new=new,
-                expert_bytes=int(d["expert_bytes"]),
-                transfers=transfers,
-                missing=tuple(tuple(int(x) for x in m) for m in d["missing"]),
-            )
-        except PlanError:
-            raise
-        except Exception as e:  # any shape defect in the record
-            raise PlanError(f"plan record is malformed: {type(e).__name__}: {e}") from e
+            old, new = ExpertPlacement.from_dict(d["old"]), ExpertPlacement.from_dict(d["new"])
+        except (RankMappingError, PlacementError) as e:
+            raise PlanError(f"plan record is malformed: {e}") from e
+        if old.ep_size != mapping.old_ep_size or new.ep_size != mapping.new_ep_size:
+            raise PlanError(f"plan record is malformed: placements have {old.ep_size} -> {new.ep_size} ranks but "
+                            f"the mapping {mapping.old_ep_size} -> {mapping.new_ep_size}")
+        missing = d["missing"]
+        if not isinstance(missing, list) or len(missing) != new.num_layers:
+            raise PlanError(f"plan missing must list {new.num_layers} layers, got {describe(missing)}")
+        plan = cls(
+            epoch=record_int(d["epoch"], "plan epoch", 0, MAX_EPOCH, PlanError), mapping=mapping, old=old, new=new,
+            expert_bytes=record_int(d["expert_bytes"], "plan expert_bytes", 1, MAX_EXPERT_BYTES, PlanError),
+            transfers=_read_transfers(d["transfers"], mapping, new),
+            missing=tuple(tuple(record_ints(m, f"plan missing layer {i}", 0, new.num_logical - 1, PlanError,
+                                            new.num_logical)) for i, m in enumerate(missing)),
+        )
         plan.validate()
         return plan
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _read_transfers(rows: Any, mapping: RankMapping, new: ExpertPlacement) -> tuple[Transfer, ...]:
+    """The compact transfer rows of a record; at most one per new slot."""
+    if not isinstance(rows, list) or len(rows) > new.num_layers * new.num_physical:
+        raise PlanError(f"plan transfers must be a list of at most {new.num_layers * new.num_physical} rows "
+                        f"(one per new slot), got {describe(rows)}")
+    new_to_old = mapping.new_to_old()
+    spr = new.slots_per_rank
+    out = []
+    for i, row in enumerate(rows):
+        where = f"plan transfer {i}"
+        if not isinstance(row, list) or len(row) != 5:
+            raise PlanError(f"{where} must be [layer, dst_rank, dst_slot, logical, sources], got {describe(row)}")
+        layer = record_int(row[0], f"{where} layer", 0, new.num_layers - 1, PlanError)
+        dst = record_int(row[1], f"{where} dst_rank", 0, mapping.new_ep_size - 1, PlanError)
+        slot = record_int(row[2], f"{where} dst_slot", 0, spr - 1, PlanError)
+        logical = record_int(row[3], f"{where} logical", 0, new.num_logical - 1, PlanError)
+        out.append(Transfer(layer, dst, slot, logical, _read_sources(row[4], where, mapping, spr, new_to_old[dst])))
+    return tuple(out)
+
+
+def _read_sources(srcs: Any, where: str, mapping: RankMapping, spr: int, dst_old: int) -> tuple[Source, ...]:
+    if not isinstance(srcs, list) or len(srcs) > mapping.old_ep_size + 1:
+        raise PlanError(f"{where}: sources must be a list of at most {mapping.old_ep_size + 1} [rank, slot] pairs, "
+                        f"got {describe(srcs)}")
+    out = []
+    for pair in srcs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise PlanError(f"{where}: a source must be [rank, slot], got {describe(pair)}")
+        r = record_int(pair[0], f"{where} source rank", DISK, mapping.old_ep_size - 1, PlanError)
+        s = record_int(pair[1], f"{where} source slot", -1 if r == DISK else 0, -1 if r == DISK else spr - 1, PlanError)
+        out.append(Source(r, s, _route(r, dst_old)))
+    return tuple(out)
 
 
 def _route(src_rank: int, dst_old_rank: int) -> Route:

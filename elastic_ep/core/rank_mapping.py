@@ -14,7 +14,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from elastic_ep.errors import RankMappingError
-from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.core.placement import ExpertPlacement, describe, record_int, record_ints
+
+MAX_RANKS = 1 << 16
+"""The most ranks a mapping read from a record may name (old ranks, and joining ranks)."""
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,16 @@ class RankMapping:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RankMapping":
-        try:
-            fields = (tuple(int(x) for x in d["old_to_new"]), frozenset(int(x) for x in d.get("dead", ())),
-                      frozenset(int(x) for x in d.get("leaving", ())), int(d.get("num_joining", 0)))
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-            raise RankMappingError(f"rank mapping record is malformed ({e!r}); expected old_to_new, dead, leaving, "
-                                   "num_joining") from e
-        return cls(*fields)
+    def from_dict(cls, d: Any) -> "RankMapping":
+        """The mapping of a record (``to_dict``'s shape). Anything else, a hostile value
+        included, raises :class:`RankMappingError`; sizes are bounded by :data:`MAX_RANKS`."""
+        if not isinstance(d, dict) or "old_to_new" not in d:
+            raise RankMappingError(f"rank mapping record is malformed ({describe(d)}); expected old_to_new, dead, "
+                                   "leaving, num_joining")
+        old_to_new = record_ints(d["old_to_new"], "rank mapping old_to_new", -1, MAX_RANKS - 1, RankMappingError,
+                                 MAX_RANKS)
+        n = len(old_to_new)
+        dead, leaving = (record_ints(d.get(k, []), f"rank mapping {k}", 0, n - 1, RankMappingError, n)
+                         for k in ("dead", "leaving"))
+        joining = record_int(d.get("num_joining", 0), "rank mapping num_joining", 0, MAX_RANKS, RankMappingError)
+        return cls(tuple(old_to_new), frozenset(dead), frozenset(leaving), joining)

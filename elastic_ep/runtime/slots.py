@@ -1,5 +1,6 @@
-"""A rank's slots against the checkpoint: fill them from disk, and find the ones whose
-bytes differ from their expert's.
+"""A rank's slots against the checkpoint: check that the checkpoint holds every expert a
+rank may be asked for, fill slots from disk, and find the ones whose bytes differ from
+their expert's.
 
 Both take a rank's weights as the executor does: per MoE layer, the serving tensors
 ``[slots_per_rank, ...]`` (by name or in layout order). Slot ``s`` of rank ``r`` holds
@@ -7,6 +8,7 @@ Both take a rank's weights as the executor does: per MoE layer, the serving tens
 
 Example (2 layers, 4 slots per rank, rank 1 of 2)::
 
+    check_checkpoint(disk, 2, 8)                                   # headers only; raises if unfit
     read = fill_rank_slots(disk, placement, 1, weights)            # bytes read
     bad = mismatched_slots(layout, placement, 1, weights, disk_reference(disk))
     assert bad == []                                               # [(layer, slot, logical), ...]
@@ -24,10 +26,43 @@ from loaders.checkpoint.safetensors_source import ExpertRequest, SafetensorsExpe
 from loaders.layout import ExpertLayout, LayerWeights
 
 from elastic_ep.core.placement import ExpertPlacement
+from elastic_ep.errors import MissingTensorError
 
 ExpertReference = Callable[[int, Sequence[int]], torch.Tensor]
 """``(layer, logical experts) -> uint8 [len(experts), expert_bytes]``: what a slot holding
 each expert must contain, packed in the layout's order."""
+
+
+MAX_EXPERTS = 1 << 16
+"""The most experts per layer :func:`check_checkpoint` counts when not told how many."""
+
+
+def check_checkpoint(disk: SafetensorsExpertSource, num_layers: int, num_experts: int | None = None) -> int:
+    """Check, reading headers only, every tensor of every logical expert of MoE layers
+    ``0 .. num_layers - 1``: named by the index or a header, with the layout's dtype and
+    shape, its bytes inside its file (a truncated shard fails here, not in a plan).
+    Returns the experts checked, ``num_layers * num_experts``.
+
+    ``num_experts`` None: as many as MoE layer 0 holds (counted up to the first one
+    missing). Raises the :class:`~elastic_ep.errors.CheckpointError` a disk load of the
+    first bad expert would raise, naming its file and tensor. Example:
+    ``check_checkpoint(disk, 58, 256)`` for DeepSeek-V3 reads each shard's header once
+    and checks 14,848 experts.
+    """
+    count = num_experts if num_experts is not None else _count_experts(disk)
+    for layer in range(num_layers):
+        disk.check([(layer, e) for e in range(count)])
+    return num_layers * count
+
+
+def _count_experts(disk: SafetensorsExpertSource) -> int:
+    disk.check([(0, 0)])  # a layer 0 without expert 0 raises, naming the tensor
+    for n in range(1, MAX_EXPERTS):
+        try:
+            disk.check([(0, n)])
+        except MissingTensorError:
+            return n
+    return MAX_EXPERTS
 
 
 def fill_rank_slots(

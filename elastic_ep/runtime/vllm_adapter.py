@@ -157,7 +157,7 @@ class _MapUpdatingExecutor(PlanExecutor):
         try:
             report = super().execute(plan, old_rank, new_rank, store=store)
         except BaseException:
-            self.adapter._weights_lost(f"plan epoch {plan.epoch}")
+            self.adapter._weights_lost(f"plan epoch {plan.epoch} failed part-way")
             raise
         self.adapter._weights_hold(plan.new, report.new_rank)
         return report
@@ -282,8 +282,10 @@ class VllmExpertAdapter:
         self.write_maps(placement)
         self.state, self.placement, self.rank = AdapterState.SERVING, placement, rank
 
-    def _weights_lost(self, what: str) -> None:
-        log.error("%s failed part-way: expert weights unknown until this rank is refilled", what)
+    def _weights_lost(self, why: str) -> None:
+        """A failed write, or the agent fenced this rank: nothing is served until a plan
+        refills every slot (``held`` forgets what the slots hold)."""
+        log.error("%s: expert weights unknown until this rank is refilled", why)
         self.state = AdapterState.UNKNOWN
         self.held[:] = -1
 
@@ -294,7 +296,7 @@ class VllmExpertAdapter:
         try:
             total = fill_rank_slots(disk, placement, rank, self.weights, held=self.held)
         except BaseException:
-            self._weights_lost("bootstrap load")
+            self._weights_lost("bootstrap load failed part-way")
             raise
         self._weights_hold(placement, rank)
         return total
@@ -360,7 +362,11 @@ class VllmExpertAdapter:
         engine's layout (:func:`~elastic_ep.runtime.wiring.open_checkpoint`); else a
         naming scheme with checkpoint layer numbers ``moe_layer_ids``. ``verify``: report
         in every ack how many slots differ from the checkpoint (reads them all; tests
-        only). ``executor_options``: the executor's timeouts."""
+        only). ``executor_options``: the executor's timeouts. Before each registration
+        the agent checks the checkpoint's headers for every expert of every layer (as
+        many experts as ``logical_to_physical_map`` has, else as the checkpoint's first
+        MoE layer); when the agent fences the rank, the weights count as unknown and
+        :meth:`step` yields False until a plan refills them."""
         from elastic_ep.runtime.wiring import AgentHooks, RankExperts, build_agent, open_checkpoint
 
         disk = open_checkpoint(settings.checkpoint, self.layout, scheme, moe_layer_ids)
@@ -369,22 +375,34 @@ class VllmExpertAdapter:
             on_commit=self.on_commit,
             reference=disk_reference(disk) if verify else None,
             load_window=self.load_window,
+            on_fence=lambda why: self._weights_lost(f"rank fenced ({why})"),
         )
-        self.rank_agent = build_agent(settings, RankExperts(self.weights, self.layout, disk), hooks,
-                                      functools.partial(_MapUpdatingExecutor, self), **executor_options)
+        experts = RankExperts(self.weights, self.layout, disk, self._num_logical())
+        self.rank_agent = build_agent(settings, experts, hooks, functools.partial(_MapUpdatingExecutor, self),
+                                      **executor_options)
         return self.rank_agent
+
+    def _num_logical(self) -> int | None:
+        """Logical experts per layer, from the engine's logical maps when it has them."""
+        for name in ("logical_to_physical_map", "logical_replica_count"):
+            m = self.maps.get(name)
+            if m is not None and m.dim() >= 2:
+                return int(m.shape[1])
+        return None
 
     @contextmanager
     def step(self, timeout_s: float = -1) -> Iterator[bool]:
         """Hold the agent's ``busy`` lock for one forward step; yields True when the
-        weights and maps hold a placement (run the step), False otherwise (skip it,
-        also when the lock was not had within ``timeout_s``; -1 waits)."""
-        busy = self.rank_agent.busy if self.rank_agent is not None else None
+        weights and maps hold a placement this rank may serve (run the step), False
+        otherwise (skip it: nothing loaded, a failed plan, the rank fenced or its lease
+        possibly expired, or the lock not had within ``timeout_s``; -1 waits)."""
+        agent = self.rank_agent
+        busy = agent.busy if agent is not None else None
         if busy is not None and not busy.acquire(timeout=timeout_s):
             yield False
             return
         try:
-            yield self.state is AdapterState.SERVING
+            yield self.state is AdapterState.SERVING and (agent is None or agent.holding is not None)
         finally:
             if busy is not None:
                 busy.release()

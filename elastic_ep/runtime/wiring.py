@@ -17,6 +17,7 @@ Example (a stand-alone rank of a synthetic checkpoint, 4 slots per rank)::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,7 +30,7 @@ from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.errors import ConfigError
 from elastic_ep.runtime.agent import AgentConfig, RankAgent
 from elastic_ep.runtime.executor import PlanExecutor
-from elastic_ep.runtime.slots import ExpertReference, fill_rank_slots, mismatched_slots
+from elastic_ep.runtime.slots import ExpertReference, check_checkpoint, fill_rank_slots, mismatched_slots
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,16 @@ class RankExperts:
 
     ``weights[layer]``: the serving tensors ``[slots_per_rank, ...]`` of MoE layer
     ``layer`` (by name or in ``layout`` order), written in place; ``disk``: the
-    checkpoint, read for missing experts and as every transfer's last resort.
-    Example: ``RankExperts([layout.allocate(4)] * 2, layout, disk)`` for 2 layers.
+    checkpoint, read for missing experts and as every transfer's last resort;
+    ``num_experts``: logical experts per layer, all checked in ``disk`` before each
+    registration (None: as many as the checkpoint's first MoE layer holds).
+    Example: ``RankExperts([layout.allocate(4)] * 2, layout, disk, 8)`` for 2 layers of 8 experts.
     """
 
     weights: Sequence[LayerWeights]
     layout: ExpertLayout
     disk: SafetensorsExpertSource
+    num_experts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,15 @@ class AgentHooks:
         reference: the bytes each slot must hold; given, every ack reports how many
             slots differ from it (reads every slot: tests and debugging).
         load_window: ``() -> [num_layers, num_logical]`` tokens routed since the last call.
+        on_fence: ``(why)`` when the agent fences the rank (lease lost, plan failed, no
+            longer a member): the weights are not to be served until a plan refills them.
     """
 
     load_initial: Callable[[ExpertPlacement, int], int | None] | None = None
     on_commit: Callable[[ExpertPlacement, int], None] | None = None
     reference: ExpertReference | None = None
     load_window: Callable[[], Any] | None = None
+    on_fence: Callable[[str], None] | None = None
 
 
 def open_checkpoint(
@@ -127,19 +134,24 @@ def build_agent(
 ) -> RankAgent:
     """A :class:`RankAgent` on ``experts``: the transport ``settings`` names, an executor
     (``executor_class(weights, layout, transport, disk, None, **executor_options)``:
-    each plan brings its own store) and the callbacks of ``hooks``.
+    each plan brings its own store), the callbacks of ``hooks``, and before every
+    registration a check that the checkpoint holds every expert of every layer in this
+    rank's layout (:func:`check_checkpoint`: a rank that could not serve them never joins).
 
     The caller closes ``agent.executor.transport`` once the agent has stopped.
     """
     transport = get_transport(settings.transport, experts.layout, **settings.transport_options)
     executor = executor_class(experts.weights, experts.layout, transport, experts.disk, None, **executor_options)
-    return RankAgent(
+    agent = RankAgent(
         settings.config, executor,
         load_initial=hooks.load_initial or _filler(experts),
         on_commit=hooks.on_commit,
         verify=_checker(experts, hooks.reference) if hooks.reference is not None else None,
         load_window=hooks.load_window,
     )
+    agent.preflight = functools.partial(check_checkpoint, experts.disk, len(experts.weights), experts.num_experts)
+    agent.on_fence = hooks.on_fence
+    return agent
 
 
 def _filler(experts: RankExperts) -> Callable[[ExpertPlacement, int], int]:

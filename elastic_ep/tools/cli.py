@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
@@ -30,6 +31,57 @@ from elastic_ep.core.rank_mapping import RankMapping
 DSV3_EXPERT_BYTES = 88_080_384
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the CLI's one error format (``elastic-ep: ConfigError: ...``),
+    exit status 2, as argparse does."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"elastic-ep: ConfigError: {self.prog}: {message}; see {self.prog} --help\n")
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``low..high``, e.g. ``int_in(1)`` for counts
+    that must be positive; argparse names the flag in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            want = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= low`` (``> low`` when ``above``) and
+    ``<= high``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)
+        if not ok:
+            want = f"a number {'>' if above else '>='} {low}" + ("" if high is None else f" and <= {high}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE = int_in(1)
+COUNT = int_in(0)
+SEED = int_in(0, 2**63 - 1)
+"""numpy's generators take non-negative seeds."""
+
+
+def require(problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every problem found in the flags."""
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -42,11 +94,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Walk through one membership change on a synthetic load: the steady-state
     DeepSeek placement, ranks failing / leaving / joining, the new placement from the
     chosen policy, and the transfer plan's summary."""
+    check_plan_args(args)
     L, E, R, S = args.layers, args.experts, args.ranks, args.slots
     load = zipf_load(L, E, args.zipf, args.seed)
     rng = np.random.default_rng(args.seed)
-    dead = args.dead if args.dead is not None else sorted(rng.choice(R, args.fail, replace=False).tolist())
     leaving = args.leave or []
+    pool = [r for r in range(R) if r not in leaving]
+    dead = args.dead if args.dead is not None else sorted(rng.choice(pool, args.fail, replace=False).tolist())
     t0 = time.perf_counter()
     old = ExpertPlacement(rebalance_experts(load, R * S, args.groups, args.nodes, R)[0], S, E)
     t1 = time.perf_counter()
@@ -89,6 +143,61 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_list_problems(flag: str, ranks: list[int], num_ranks: int) -> list[str]:
+    """Duplicates and ranks outside ``0..num_ranks-1`` in ``--dead``/``--leave``."""
+    out = []
+    twice = sorted({r for r in ranks if ranks.count(r) > 1})
+    if twice:
+        out.append(f"{flag} lists ranks {twice} more than once: list each rank once")
+    outside = sorted({r for r in ranks if not 0 <= r < num_ranks})
+    if outside:
+        out.append(f"{flag} ranks {outside} are outside 0..{num_ranks - 1} (--ranks {num_ranks})")
+    return out
+
+
+def check_plan_args(args: argparse.Namespace) -> None:
+    """What ``plan``'s flags must agree on; one :class:`ConfigError` listing every problem,
+    each naming its flags and the fix."""
+    require(_change_problems(args) + _shape_problems(args))
+
+
+def _change_problems(args: argparse.Namespace) -> list[str]:
+    """``--dead``/``--fail``, ``--leave`` and ``--join`` against ``--ranks``."""
+    R, dead, leaving = args.ranks, args.dead, args.leave or []
+    problems = _rank_list_problems("--leave", leaving, R)
+    if dead is not None:
+        problems += _rank_list_problems("--dead", dead, R)
+        both = sorted(set(dead) & set(leaving))
+        if both:
+            problems.append(f"ranks {both} are in both --dead and --leave: a rank either dies or leaves")
+    elif args.fail > R - len(set(leaving)):
+        problems.append(f"--fail {args.fail} is more than the {R - len(set(leaving))} ranks of --ranks {R} "
+                        "that are not leaving: fail fewer ranks")
+    return problems
+
+
+def _shape_problems(args: argparse.Namespace) -> list[str]:
+    """Slots for every expert before and after the change; the balancer's divisibility."""
+    R, S, E, leaving = args.ranks, args.slots, args.experts, set(args.leave or [])
+    problems = []
+    if R * S < E:
+        problems.append(f"--ranks {R} x --slots {S} = {R * S} slots cannot hold --experts {E}: add ranks or slots")
+    removed = len(set(args.dead) | leaving) if args.dead is not None else args.fail + len(leaving)
+    left = R - removed + args.join
+    if left < 1:
+        problems.append(f"no rank is left after the change: --ranks {R}, {removed} dead or leaving, "
+                        f"--join {args.join}: fail fewer ranks or join more")
+    elif left * S < E <= R * S:
+        problems.append(f"after the change {left} ranks x --slots {S} = {left * S} slots cannot hold --experts {E}: "
+                        "fail fewer ranks, --join more or add --slots")
+    if args.groups % args.nodes == 0:  # the hierarchical balancer's preconditions
+        if E % args.groups:
+            problems.append(f"--experts {E} is not a multiple of --groups {args.groups}: change either")
+        if R % args.nodes:
+            problems.append(f"--ranks {R} is not a multiple of --nodes {args.nodes}: change either")
+    return problems
+
+
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     """Write a deterministic synthetic MoE checkpoint and say what was written."""
     from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
@@ -98,7 +207,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         dtype=args.dtype, shards=args.shards, seed=args.seed, scheme=args.scheme,
         dense_layers=args.dense_layers,
     )
-    out = make_checkpoint(args.dir, spec)
+    out = make_checkpoint(args.dir, spec, force=args.force)
     for path, size in out.files:
         print(f"{path}  {_fmt_bytes(size)}")
     print(f"{len(out.files)} files, {out.tensors} tensors, {_fmt_bytes(out.tensor_bytes)} of tensors; "
@@ -187,10 +296,16 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     metrics = ControllerMetrics()
+    shape = model_shape(args)
+    if args.min_ranks * shape.slots_per_rank < shape.num_logical:
+        raise ConfigError(f"--min-ranks {args.min_ranks} x --slots {shape.slots_per_rank} slots cannot hold the "
+                          f"{shape.num_logical} experts of a layer: raise --min-ranks or --slots")
+    # Given only when set, so the controller's own default applies otherwise.
+    joiners = {} if args.max_joiners is None else {"max_joiners_per_plan": args.max_joiners}
     cfg = ControllerConfig(
-        etcd_config(args), model_shape(args), id=args.id,
+        etcd_config(args), shape, id=args.id,
         min_ranks=args.min_ranks, policy=args.policy, settle_s=args.settle, leader_ttl_s=args.leader_ttl,
-        imbalance_threshold=args.imbalance_threshold,
+        imbalance_threshold=args.imbalance_threshold, **joiners,
     )
     ctl = Controller(cfg, metrics=metrics)
     if args.metrics_port >= 0:
@@ -312,17 +427,20 @@ def add_control_commands(sub: Any) -> None:
     add_etcd_args(c)
     c.add_argument("--id", default=f"controller-{os.getpid()}")
     add_model_args(c)
-    c.add_argument("--layers", type=int, help="MoE layers (without --model)")
-    c.add_argument("--experts", type=int, help="logical experts per layer (without --model)")
-    c.add_argument("--slots", type=int, required=True, help="slots per rank")
-    c.add_argument("--expert-bytes", type=int, help="bytes of one expert (without --model)")
-    c.add_argument("--min-ranks", type=int, default=1, help="ranks to wait for before the first placement")
+    c.add_argument("--layers", type=POSITIVE, help="MoE layers (without --model)")
+    c.add_argument("--experts", type=POSITIVE, help="logical experts per layer (without --model)")
+    c.add_argument("--slots", type=POSITIVE, required=True, help="slots per rank")
+    c.add_argument("--expert-bytes", type=POSITIVE, help="bytes of one expert (without --model)")
+    c.add_argument("--min-ranks", type=POSITIVE, default=1, help="ranks to wait for before the first placement")
+    c.add_argument("--max-joiners", type=POSITIVE, help="ranks one plan adds at most; more wait for the next "
+                                                       "plan (default: the controller's)")
     c.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
-    c.add_argument("--settle", type=float, default=1.0, help="seconds a change must hold before planning")
-    c.add_argument("--leader-ttl", type=int, default=3)
-    c.add_argument("--imbalance-threshold", type=float, default=0.0, help="rebalance below this balance (0: off)")
+    c.add_argument("--settle", type=float_in(0), default=1.0, help="seconds a change must hold before planning")
+    c.add_argument("--leader-ttl", type=POSITIVE, default=3, help="seconds of the leader lease (etcd: whole seconds)")
+    c.add_argument("--imbalance-threshold", type=float_in(0, 1), default=0.0,
+                   help="rebalance below this balance (0: off)")
     c.add_argument("--metrics-host", default="127.0.0.1")
-    c.add_argument("--metrics-port", type=int, default=9400, help="-1: no endpoint")
+    c.add_argument("--metrics-port", type=int_in(-1, 65535), default=9400, help="-1: no endpoint, 0: any free port")
     c.add_argument("-v", "--verbose", action="store_true")
     c.set_defaults(func=cmd_controller)
 
@@ -333,16 +451,16 @@ def add_control_commands(sub: Any) -> None:
     src.add_argument("--ckpt", help="synthetic checkpoint directory (elastic-ep make-checkpoint; with "
                                     "--layers --experts --hidden --intermediate --dtype --seed --dense-layers)")
     add_model_args(a, src)
-    a.add_argument("--layers", type=int, default=2)
-    a.add_argument("--experts", type=int, default=8)
-    a.add_argument("--hidden", type=int, default=64)
-    a.add_argument("--intermediate", type=int, default=32)
+    a.add_argument("--layers", type=POSITIVE, default=2)
+    a.add_argument("--experts", type=POSITIVE, default=8)
+    a.add_argument("--hidden", type=POSITIVE, default=64)
+    a.add_argument("--intermediate", type=POSITIVE, default=32)
     a.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"])
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--dense-layers", type=int, default=0)
-    a.add_argument("--slots", type=int, required=True, help="slots per rank")
+    a.add_argument("--seed", type=SEED, default=0)
+    a.add_argument("--dense-layers", type=COUNT, default=0)
+    a.add_argument("--slots", type=POSITIVE, required=True, help="slots per rank")
     a.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
-    a.add_argument("--lease-ttl", type=int, default=3)
+    a.add_argument("--lease-ttl", type=POSITIVE, default=3, help="seconds of the rank's lease (etcd: whole seconds)")
     a.add_argument("--node", default="")
     a.add_argument("--routes", nargs="+", default=["local", "peer", "disk"], choices=["local", "peer", "disk"],
                    help="routes the rank may use; 'disk' alone reloads every changed expert from disk (baseline)")
@@ -359,64 +477,66 @@ def add_control_commands(sub: Any) -> None:
 
 def add_demo_command(sub: Any) -> None:
     d = sub.add_parser("demo", help="local etcd, a controller and CPU ranks; kill a rank and watch the recovery")
-    d.add_argument("--ranks", type=int, default=4)
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--experts", type=int, default=16)
-    d.add_argument("--slots", type=int, help="slots per rank (default 6; with --model: enough for every "
+    d.add_argument("--ranks", type=POSITIVE, default=4)
+    d.add_argument("--layers", type=POSITIVE, default=4)
+    d.add_argument("--experts", type=POSITIVE, default=16)
+    d.add_argument("--slots", type=POSITIVE, help="slots per rank (default 6; with --model: enough for every "
                                               "expert on the ranks left after the change)")
     add_model_args(d)
-    d.add_argument("--hidden", type=int, default=512)
-    d.add_argument("--intermediate", type=int, default=256)
+    d.add_argument("--hidden", type=POSITIVE, default=512)
+    d.add_argument("--intermediate", type=POSITIVE, default=256)
     d.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
     d.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
-    d.add_argument("--fail", type=int, default=1, help="ranks to SIGKILL")
+    d.add_argument("--fail", type=COUNT, default=1, help="ranks to SIGKILL")
     d.add_argument("--spread", action="store_true", help="kill one at a time (default: simultaneously)")
     d.add_argument("--leave", action="store_true", help="first drain one rank gracefully")
-    d.add_argument("--join", type=int, default=0, help="finally add this many ranks")
-    d.add_argument("--lease-ttl", type=int, default=2)
-    d.add_argument("--settle", type=float, default=0.5)
-    d.add_argument("--timeout", type=float, default=120.0, help="per membership change")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--join", type=COUNT, default=0, help="finally add this many ranks")
+    d.add_argument("--lease-ttl", type=POSITIVE, default=2, help="seconds of each rank's lease")
+    d.add_argument("--settle", type=float_in(0), default=0.5)
+    d.add_argument("--timeout", type=float_in(0, above=True), default=120.0, help="seconds per membership change")
+    d.add_argument("--seed", type=SEED, default=0)
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="elastic-ep", description="Elastic expert parallelism for MoE serving: "
+    p = _Parser(prog="elastic-ep", description="Elastic expert parallelism for MoE serving: "
                                 "plan a membership change, run a controller or a rank, inspect a model, demo.")
     sub = p.add_subparsers(dest="command", required=True)
 
     plan = sub.add_parser("plan", help="walk through one membership change and print the transfer plan summary")
-    plan.add_argument("--layers", type=int, default=58)
-    plan.add_argument("--experts", type=int, default=256)
-    plan.add_argument("--ranks", type=int, default=32)
-    plan.add_argument("--slots", type=int, default=9, help="slots per rank")
-    plan.add_argument("--groups", type=int, default=8, help="expert groups (DeepSeek-V3: 8)")
-    plan.add_argument("--nodes", type=int, default=4)
-    plan.add_argument("--fail", type=int, default=1, help="ranks that die, chosen by --seed")
-    plan.add_argument("--dead", type=int, nargs="*", help="ranks that die (overrides --fail)")
-    plan.add_argument("--leave", type=int, nargs="*", help="ranks that drain out gracefully")
-    plan.add_argument("--join", type=int, default=0, help="ranks that join")
+    plan.add_argument("--layers", type=POSITIVE, default=58)
+    plan.add_argument("--experts", type=POSITIVE, default=256)
+    plan.add_argument("--ranks", type=POSITIVE, default=32)
+    plan.add_argument("--slots", type=POSITIVE, default=9, help="slots per rank")
+    plan.add_argument("--groups", type=POSITIVE, default=8, help="expert groups (DeepSeek-V3: 8)")
+    plan.add_argument("--nodes", type=POSITIVE, default=4)
+    plan.add_argument("--fail", type=COUNT, default=1, help="ranks that die, chosen by --seed")
+    plan.add_argument("--dead", type=COUNT, nargs="*", help="ranks that die (overrides --fail)")
+    plan.add_argument("--leave", type=COUNT, nargs="*", help="ranks that drain out gracefully")
+    plan.add_argument("--join", type=COUNT, default=0, help="ranks that join")
     plan.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
-    plan.add_argument("--zipf", type=float, default=0.6, help="load skew exponent")
-    plan.add_argument("--expert-bytes", type=int, default=DSV3_EXPERT_BYTES)
-    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--zipf", type=float_in(0), default=0.6, help="load skew exponent")
+    plan.add_argument("--expert-bytes", type=POSITIVE, default=DSV3_EXPERT_BYTES)
+    plan.add_argument("--seed", type=SEED, default=0)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
     # Choices are spelled out here so that --help works without importing torch.
     mk = sub.add_parser("make-checkpoint", help="write a deterministic synthetic MoE safetensors checkpoint")
-    mk.add_argument("dir", help="directory to write into (created; must hold no checkpoint yet)")
-    mk.add_argument("--layers", type=int, default=2, help="MoE layers")
-    mk.add_argument("--experts", type=int, default=8, help="logical experts per MoE layer")
-    mk.add_argument("--hidden", type=int, default=64)
-    mk.add_argument("--intermediate", type=int, default=32)
+    mk.add_argument("dir", help="directory to write into (created; must be empty unless --force)")
+    mk.add_argument("--force", action="store_true", help="write into a non-empty directory, replacing the "
+                                                         "checkpoint files there (symlinks are still refused)")
+    mk.add_argument("--layers", type=POSITIVE, default=2, help="MoE layers")
+    mk.add_argument("--experts", type=POSITIVE, default=8, help="logical experts per MoE layer")
+    mk.add_argument("--hidden", type=POSITIVE, default=64)
+    mk.add_argument("--intermediate", type=POSITIVE, default=32)
     mk.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                     help="fp8: e4m3 weights with float32 weight_scale_inv blocks of 128")
-    mk.add_argument("--shards", type=int, default=1, help="files; more than 1 adds model.safetensors.index.json")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--shards", type=POSITIVE, default=1, help="files; more than 1 adds model.safetensors.index.json")
+    mk.add_argument("--seed", type=SEED, default=0)
     mk.add_argument("--scheme", default="deepseek", choices=["deepseek", "qwen", "mixtral"])
-    mk.add_argument("--dense-layers", type=int, default=0, help="dense layers before the first MoE layer")
+    mk.add_argument("--dense-layers", type=COUNT, default=0, help="dense layers before the first MoE layer")
     mk.set_defaults(func=cmd_make_checkpoint)
 
     ins = sub.add_parser("inspect", help="the routed experts of a Hugging Face model directory")

@@ -246,7 +246,7 @@ def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, tor
         # one serving deployment would count it.
         load_window=lambda: zipf_load(spec.layers, spec.experts, 1.0, rank.load_seed),
     )
-    agent = build_agent(rank.settings(), RankExperts(weights, layout, disk), hooks,
+    agent = build_agent(rank.settings(), RankExperts(weights, layout, disk, spec.experts), hooks,
                         source_timeout_s=rank.source_timeout_s, dead_after_s=rank.dead_after_s,
                         heartbeat_s=min(0.2, rank.dead_after_s / 4), routes=rank.routes)
     return agent, weights
@@ -255,7 +255,9 @@ def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, tor
 def run_agent(rank: SyntheticRank, stop: threading.Event | None = None) -> None:
     """Run ``rank`` (``elastic-ep agent``) until ``stop`` is set or it has left: loads its
     slots at bootstrap, executes plans, and with ``rank.check`` serves a request stream
-    that checks the slots it routes to."""
+    that checks the slots it routes to. Raises :class:`~elastic_ep.errors.CheckpointError`
+    before registering when ``rank.ckpt_dir`` lacks an expert of ``rank.spec`` or holds it
+    in another shape or dtype, or truncated (such a rank never joins)."""
     agent, weights = build_rank_agent(rank)
     serving = threading.Event()
     if rank.check:

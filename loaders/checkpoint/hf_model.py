@@ -49,7 +49,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -58,18 +57,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from elastic_ep.errors import (
-    CheckpointError,
-    ConfigError,
-    MissingFileError,
-    MissingTensorError,
-    TensorMismatchError,
-    UnsupportedModelError,
-)
+from elastic_ep.errors import CheckpointError, ConfigError, CorruptCheckpointError, MissingFileError, MissingTensorError
+from elastic_ep.errors import TensorMismatchError, UnsupportedModelError
 
 from loaders.layout import CheckpointPart, ExpertLayout, SlotTensor
 from loaders.checkpoint.naming import NamingScheme, get_scheme
-from loaders.checkpoint.safetensors_format import DTYPE_NAMES, CheckpointFiles, SafetensorsHeader, TensorInfo, read_header
+from loaders.checkpoint.safetensors_format import (
+    DTYPE_NAMES,
+    CheckpointFiles,
+    SafetensorsHeader,
+    TensorInfo,
+    brief,
+    read_header,
+    read_json_file,
+)
 
 LAYER_PREFIXES: tuple[str, ...] = ("model.layers", "language_model.model.layers", "model.language_model.layers")
 """Where decoder layers live: text models, and multimodal checkpoints (Llama 4) that
@@ -121,12 +122,18 @@ def _span(layers: Sequence[int]) -> str:
     return ("layer " if len(layers) == 1 else "layers ") + ", ".join(out)
 
 
+MAX_CONFIG_INT = 1 << 20
+"""Larger layer or expert counts are garbage (DeepSeek-V3: 61 layers, 256 experts), and
+would make the layer scans below run for hours."""
+
+
 def _int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
     v = cfg.get(key, default)
     if v is None:
         v = default
-    if type(v) is not int or v < 0:
-        raise ConfigError(f"config.json: {key}={v!r}, expected a non-negative integer")
+    if type(v) is not int or not 0 <= v <= MAX_CONFIG_INT:
+        raise ConfigError(f"config.json: {key}={brief(v)}, expected an integer in 0..{MAX_CONFIG_INT}; "
+                          "the config does not describe this model: copy it again from the model repository")
     return v
 
 
@@ -154,8 +161,9 @@ def _qwen_layers(cfg: Mapping[str, Any]) -> tuple[list[int], list[LeftOut]]:
     step = max(1, _int(cfg, "decoder_sparse_step", 1))
     only = cfg.get("mlp_only_layers") or []
     if not isinstance(only, list) or not all(type(i) is int for i in only):
-        raise ConfigError(f"config.json: mlp_only_layers={only!r}, expected a list of layer numbers")
-    moe = [i for i in range(n) if i not in only and (i + 1) % step == 0]
+        raise ConfigError(f"config.json: mlp_only_layers={brief(only)}, expected a list of layer numbers")
+    dense_only = set(only)
+    moe = [i for i in range(n) if i not in dense_only and (i + 1) % step == 0]
     dense = [i for i in range(n) if i not in moe]
     left = [LeftOut(_span(dense), f"dense MLP (mlp_only_layers={only}, decoder_sparse_step={step})")] if dense else []
     return moe, left
@@ -172,10 +180,11 @@ def _llama4_layers(cfg: Mapping[str, Any]) -> tuple[list[int], list[LeftOut]]:
     if moe is None:
         moe = list(range(step - 1, n, step))
     if not isinstance(moe, list) or not all(type(i) is int and 0 <= i < n for i in moe):
-        raise ConfigError(f"config.json: moe_layers={moe!r}, expected layer numbers below num_hidden_layers={n}")
-    dense = [i for i in range(n) if i not in moe]
+        raise ConfigError(f"config.json: moe_layers={brief(moe)}, expected layer numbers below num_hidden_layers={n}")
+    moe_set = set(moe)
+    dense = [i for i in range(n) if i not in moe_set]
     left = [LeftOut(_span(dense), f"dense MLP (interleave_moe_layer_step={step})")] if dense else []
-    return sorted(moe), left
+    return sorted(moe_set), left
 
 
 _SWIGLU = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -312,22 +321,23 @@ class ModelCheckpoint:
 
 # -- opening a directory -----------------------------------------------------------------
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """``directory/config.json`` as a dict; a missing, unreadable or non-JSON file (too
+    big, nested too deep, not an object) raises a :class:`CheckpointError` naming it."""
     path = os.path.join(os.fspath(directory), "config.json")
     if not os.path.isdir(os.fspath(directory)):
         raise MissingFileError(f"{os.fspath(directory)}: model directory not found; pass the directory holding "
                                "config.json and the safetensors shards")
+    fix = "copy it again from the model repository"
     try:
-        with open(path, "rb") as f:
-            cfg = json.load(f)
+        cfg = read_json_file(path, "a JSON config", fix)
     except FileNotFoundError:
         raise MissingFileError(
             f"{path}: no config.json; elastic-ep reads the model's layers and experts from it: copy the "
             "model's config.json beside its safetensors files"
         ) from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a JSON config ({e}); copy it again from the model repository") from e
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: a JSON {type(cfg).__name__}, expected an object")
+        raise CorruptCheckpointError(
+            f"{path}: not a JSON config: a JSON {type(cfg).__name__}, expected an object; {fix}")
     return cfg
 
 
@@ -335,23 +345,36 @@ def _family_of(cfg: dict[str, Any]) -> tuple[Family | None, dict[str, Any]]:
     """The family and the config that describes the decoder (a nested ``text_config``
     for multimodal checkpoints)."""
     for c in (cfg.get("text_config"), cfg):
-        if isinstance(c, dict):
-            mt = _ALIASES.get(c.get("model_type", ""), c.get("model_type", ""))
+        if isinstance(c, dict) and isinstance(mt := c.get("model_type"), str):
+            mt = _ALIASES.get(mt, mt)
             if mt in FAMILIES:
                 return FAMILIES[mt], c
     return None, cfg
+
+
+def _architecture(cfg: Mapping[str, Any]) -> str:
+    """``architectures[0]``, else ``model_type``, else ``"?"``; garbage reads as ``"?"``."""
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    mt = cfg.get("model_type")
+    return mt if isinstance(mt, str) else "?"
 
 
 def _quantization(cfg: Mapping[str, Any]) -> tuple[str, tuple[int, int] | None]:
     q = cfg.get("quantization_config")
     if not isinstance(q, dict):
         return "none", None
-    method = str(q.get("quant_method", "unknown"))
+    method = q.get("quant_method")
+    method = method if isinstance(method, str) else "unknown"
     block = q.get("weight_block_size")
     if method == "fp8" and block is not None:
         if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
-            raise ConfigError(f"config.json: quantization_config.weight_block_size={block!r}, expected [rows, cols]")
-        return f"fp8 {q.get('fmt', 'e4m3')}, block {block[0]}x{block[1]} (weight_scale_inv)", (block[0], block[1])
+            raise ConfigError(f"config.json: quantization_config.weight_block_size={brief(block)}, "
+                              "expected [rows, cols]")
+        fmt = q.get("fmt")
+        fmt = fmt if isinstance(fmt, str) else "e4m3"
+        return f"fp8 {fmt[:40]}, block {block[0]}x{block[1]} (weight_scale_inv)", (block[0], block[1])
     return method, None
 
 
@@ -382,6 +405,8 @@ class _Headers:
                     f"{path}: shard not found" + (f", named by {self.files.index_path}" if self.files.index_path else "")
                     + f" for {what}; download the missing shard"
                 ) from None
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open ({e}); check that the shard is a readable file") from e
             try:
                 h = self._by_path[path] = read_header(fd, path)
             finally:
@@ -489,8 +514,10 @@ def _shared_left_out(family: Family, cfg: Mapping[str, Any], names: set[str], pr
 
 def _template_layers(names: set[str], naming: NamingScheme, cfg: Mapping[str, Any], directory: str) -> tuple[list[int], int]:
     """MoE layers and the expert count of an unknown architecture, found in the files."""
-    n = cfg.get("num_hidden_layers")
-    top = n if type(n) is int else 1 + max((int(p) for name in names for p in name.split(".") if p.isdigit()), default=-1)
+    if cfg.get("num_hidden_layers") is not None:
+        top = _int(cfg, "num_hidden_layers")
+    else:
+        top = 1 + max((int(p) for name in names for p in name.split(".") if p.isdigit()), default=-1)
 
     # Every module path above a tensor, built once: each probe below is then one lookup.
     modules = {n[:i] for n in names for i, c in enumerate(n) if c == "."}
@@ -531,7 +558,7 @@ def open_model(
     directory = os.fspath(directory)
     raw = read_config(directory)
     family, cfg = _family_of(raw)
-    arch = (raw.get("architectures") or [raw.get("model_type", "?")])[0]
+    arch = _architecture(raw)
     files = CheckpointFiles(directory)
     headers = _Headers(files)
     names = headers.names()
@@ -545,7 +572,7 @@ def open_model(
     elif family is None:
         known = sorted(FAMILIES) + sorted(_ALIASES)
         raise UnsupportedModelError(
-            f"{directory}/config.json: architecture {arch!r} (model_type {raw.get('model_type')!r}) is not one "
+            f"{directory}/config.json: architecture {arch!r} (model_type {brief(raw.get('model_type'))}) is not one "
             f"elastic-ep knows ({', '.join(known)}); give a naming template (--template "
             "gate=...,up=...,down=... with {layer} and {expert}) that says where its experts are"
         )

@@ -20,16 +20,23 @@ import glob
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from elastic_ep.errors import CorruptCheckpointError, MissingFileError, MissingTensorError
+from elastic_ep.errors import CheckpointError, CorruptCheckpointError, MissingFileError, MissingTensorError
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors library refuses larger headers too; a bigger length means garbage."""
+MAX_DIMS = 64
+"""Dimensions of a tensor at most: more is garbage (and would make its byte count a
+number too long to print)."""
+MAX_JSON_FILE_BYTES = MAX_HEADER_BYTES
+"""An index or ``config.json`` larger than this is not one (DeepSeek-V3's index, naming
+about 90k tensors, is 9 MB)."""
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -50,6 +57,50 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 60, 60
+
+
+def brief(value: Any) -> str:
+    """A short ``repr`` of a value parsed from a file, for error messages: bounded in
+    depth and length, so a huge or deeply nested value cannot flood (or overflow) the
+    message that reports it."""
+    return _BRIEF.repr(value)
+
+
+def load_json(raw: bytes, path: str, what: str, fix: str) -> Any:
+    """``raw`` parsed as JSON. Anything that is not JSON (bad UTF-8, syntax, an integer
+    of thousands of digits, nesting deeper than the parser's recursion limit) raises
+    :class:`CorruptCheckpointError` naming ``path``, ``what`` it should be and the ``fix``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        why = "nested deeper than a JSON reader follows"
+    except (UnicodeDecodeError, ValueError) as e:
+        why = str(e)[:200]
+    raise CorruptCheckpointError(f"{path}: not {what}: {why}; {fix}")
+
+
+def read_json_file(path: str, what: str, fix: str) -> Any:
+    """The JSON document in the file ``path`` (at most :data:`MAX_JSON_FILE_BYTES`).
+    ``FileNotFoundError`` propagates, for the caller to say which file is missing;
+    another ``OSError`` raises :class:`CheckpointError`, garbage
+    :class:`CorruptCheckpointError`."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_FILE_BYTES:
+                raise CorruptCheckpointError(
+                    f"{path}: {size} bytes, more than {MAX_JSON_FILE_BYTES} for {what}; {fix}")
+            raw = f.read(MAX_JSON_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e}); check that it is a readable file") from e
+    if len(raw) > MAX_JSON_FILE_BYTES:  # grew while being read
+        raise CorruptCheckpointError(f"{path}: more than {MAX_JSON_FILE_BYTES} bytes for {what}; {fix}")
+    return load_json(raw, path, what, fix)
 
 
 @dataclass(frozen=True)
@@ -114,7 +165,8 @@ class SafetensorsHeader:
             begin, end = e["data_offsets"]
             ok = (
                 isinstance(dtype_str, str)
-                and all(type(d) is int and d >= 0 for d in shape)
+                and len(shape) <= MAX_DIMS
+                and all(type(d) is int and 0 <= d < 2**64 for d in shape)
                 and type(begin) is int
                 and type(end) is int
                 and 0 <= begin <= end
@@ -123,7 +175,7 @@ class SafetensorsHeader:
             ok = False
         if not ok:
             raise CorruptCheckpointError(
-                f"{self.path}: header entry of {name!r} is malformed: {e!r}; expected "
+                f"{self.path}: header entry of {name!r} is malformed: {brief(e)}; expected "
                 '{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}; '
                 "the file is damaged: copy it again from the source checkpoint"
             )
@@ -132,7 +184,7 @@ class SafetensorsHeader:
             want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != want:
                 raise CorruptCheckpointError(
-                    f"{self.path}: tensor {name!r} is {dtype_str} {list(shape)} = {want} bytes but "
+                    f"{self.path}: tensor {name!r} is {dtype_str} {brief(list(shape))} = {brief(want)} bytes but "
                     f"its data_offsets [{begin}, {end}] span {end - begin} bytes; the header is "
                     "damaged: copy the file again from the source checkpoint"
                 )
@@ -160,17 +212,13 @@ def read_header(fd: int, path: str) -> SafetensorsHeader:
             f"{min(MAX_HEADER_BYTES, max(size - 8, 0))}); the file is truncated or not safetensors"
         )
     raw = os.pread(fd, n, 8)
-    try:
-        if len(raw) != n:
-            raise ValueError(f"short read: {len(raw)} of {n} bytes")
-        entries = json.loads(raw.decode("utf-8"))
-        if not isinstance(entries, dict):
-            raise ValueError(f"a JSON {type(entries).__name__}, not an object")
-    except (UnicodeDecodeError, ValueError) as e:
+    fix = "the file is damaged: copy it again from the source checkpoint"
+    if len(raw) != n:
+        raise CorruptCheckpointError(f"{path}: short read of the header: {len(raw)} of {n} bytes; {fix}")
+    entries = load_json(raw, path, f"a JSON object in its {n}-byte header", fix)
+    if not isinstance(entries, dict):
         raise CorruptCheckpointError(
-            f"{path}: the {n}-byte header is not a JSON object ({e}); the file is damaged: "
-            "copy it again from the source checkpoint"
-        ) from e
+            f"{path}: the {n}-byte header is a JSON {type(entries).__name__}, not a JSON object; {fix}")
     entries.pop("__metadata__", None)
     return SafetensorsHeader(path, size, 8 + n, entries)
 
@@ -214,19 +262,26 @@ class CheckpointFiles:
 
     @staticmethod
     def _read_index(path: str) -> dict[str, str]:
+        fix = "copy it again from the source checkpoint"
         try:
-            with open(path, "rb") as f:
-                doc = json.load(f)
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-            ):
-                raise ValueError("weight_map is not an object of tensor name -> file name")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            doc = read_json_file(path, "a valid index", 'expected JSON with "weight_map"; ' + fix)
+        except FileNotFoundError:
+            raise MissingFileError(f"{path}: index file vanished while being read; {fix}") from None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise CorruptCheckpointError(
-                f"{path}: not a valid index ({type(e).__name__}: {e}); expected JSON with "
-                '"weight_map": {tensor name: shard file}; copy it again from the source checkpoint'
-            ) from e
+                f"{path}: not a valid index (weight_map is {brief(weight_map)}); expected JSON with "
+                f'"weight_map": {{tensor name: shard file}}; {fix}'
+            )
+        # A shard outside the directory is never part of this checkpoint.
+        escaping = sorted({v for v in weight_map.values() if os.path.isabs(v) or ".." in v.split("/")})
+        if escaping:
+            raise CorruptCheckpointError(
+                f"{path}: weight_map names shards outside the checkpoint directory {brief(escaping)}; "
+                f"shard names are relative file names: {fix}"
+            )
         return weight_map
 
     def file_of(self, name: str) -> str:

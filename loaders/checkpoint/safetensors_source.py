@@ -182,6 +182,18 @@ class SafetensorsExpertSource:
             return layer
         return self.moe_layer_ids[layer]
 
+    def check(self, experts: Sequence[tuple[int, int]]) -> int:
+        """Resolve and check every tensor of each ``(layer, logical expert)`` as a load
+        would (file, name, shape, dtype, bytes inside the file) without reading data;
+        returns the tensors checked. Raises what :meth:`load` raises for them."""
+        with self._lock:
+            fds: dict[str, int] = {}
+            try:
+                return len(self._resolve([(int(layer), int(e)) for layer, e in experts], fds))
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+
     # -- the one verb ------------------------------------------------------------------
     def load(self, requests: Sequence[ExpertRequest], weights: Weights) -> LoadReport:
         """Write each request's expert into its slot; all of them, or none on error.

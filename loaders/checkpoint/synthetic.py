@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -243,8 +244,13 @@ def hf_config(spec: SyntheticSpec) -> dict[str, object] | None:
     return {**cfg, **base}
 
 
-def make_checkpoint(directory: str | os.PathLike[str], spec: SyntheticSpec) -> CheckpointSummary:
+def make_checkpoint(directory: str | os.PathLike[str], spec: SyntheticSpec, force: bool = False) -> CheckpointSummary:
     """Write the checkpoint of ``spec`` into ``directory`` (created if needed).
+
+    ``directory`` must be new or empty; with ``force`` it may hold other files, and the
+    checkpoint files there (``*.safetensors``, the index, ``config.json``) are replaced.
+    Files are written beside their final name and renamed into place, so a symlink in
+    the directory is never followed to a file outside it (and is refused).
 
     Shards split the tensors in layer order at even byte boundaries; a shard that
     would hold nothing (a few huge tensors) is dropped, so fewer files may be written.
@@ -265,25 +271,91 @@ def make_checkpoint(directory: str | os.PathLike[str], spec: SyntheticSpec) -> C
         ["model.safetensors"] if count == 1
         else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
-    os.makedirs(directory, exist_ok=True)
-    existing = [f for f in os.listdir(directory) if f.endswith((".safetensors", INDEX_SUFFIX))]
-    if existing:
-        raise ConfigError(
-            f"{directory} already holds checkpoint files {sorted(existing)[:4]}; writing beside "
-            "them would mix two checkpoints: pass an empty or new directory"
-        )
+    _prepare_directory(directory, force)
     files, weight_map = [], {}
     for i, shard in enumerate(used):
         tensors = {name: make() for (name, _, _, make), s in zip(plan, shard_of) if s == shard}
-        path = os.path.join(directory, names[i])
-        save_file(tensors, path, metadata={"format": "pt"})
+        path = _write_into(directory, names[i], partial(save_file, tensors, metadata={"format": "pt"}))
         files.append((path, os.path.getsize(path)))
         weight_map.update(dict.fromkeys(tensors, names[i]))
     if count > 1:
-        with open(os.path.join(directory, "model" + INDEX_SUFFIX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_into(directory, "model" + INDEX_SUFFIX, partial(_dump_json, index))
     config = hf_config(spec)
     if config is not None:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        _write_into(directory, "config.json", partial(_dump_json, config))
     return CheckpointSummary(directory, tuple(files), total, len(plan), spec.expert_bytes)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name.endswith((".safetensors", INDEX_SUFFIX)) or name == "config.json"
+
+
+def _prepare_directory(directory: str, force: bool) -> None:
+    """Make ``directory`` ready to receive a checkpoint, or raise :class:`ConfigError`
+    naming it and the fix: not a directory, not empty (without ``force``), or holding
+    a checkpoint file that is a symlink or not a regular file. With ``force`` the old
+    checkpoint files are removed, so two checkpoints never mix."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"{directory} exists and is not a directory; pass a new or empty directory "
+                          "to write the checkpoint into")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        entries = sorted(os.listdir(directory))
+    except OSError as e:
+        raise ConfigError(f"{directory}: cannot create or list the directory ({e.strerror}); "
+                          "pass a directory this process can write") from e
+    if entries and not force:
+        raise ConfigError(
+            f"{directory} is not empty (it holds {entries[:4]}{' ...' if len(entries) > 4 else ''}); writing "
+            "there would overwrite or mix with its files: pass an empty or new directory, or --force to "
+            "replace the checkpoint files in it"
+        )
+    old = [e for e in entries if _is_checkpoint_file(e)]
+    irregular = [e for e in old if os.path.islink(os.path.join(directory, e))
+                 or not os.path.isfile(os.path.join(directory, e))]
+    if irregular:
+        raise ConfigError(
+            f"{directory}: {irregular[:4]} is a symlink or not a regular file; a checkpoint is never "
+            "written through one, even with --force: remove it or pass another directory"
+        )
+    for e in old:
+        os.remove(os.path.join(directory, e))
+
+
+def _write_into(directory: str, name: str, write: Callable[[str], object]) -> str:
+    """``write(path)`` into a new file of ``directory``, then renamed to ``name``.
+
+    The temporary file is created with ``O_EXCL | O_NOFOLLOW`` and the rename replaces
+    the directory entry itself: whatever ``name`` was (a symlink planted after the
+    checks), no file outside ``directory`` is written."""
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+        mode = os.fstat(fd).st_mode & 0o777  # 0o644 under the umask
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, mode)  # the safetensors writer leaves its files 0o600
+        os.replace(tmp, final)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise ConfigError(f"{final}: cannot write ({e.strerror or e}); check the directory's space and "
+                          "permissions") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return final
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _dump_json(doc: object, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
