@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastic_ep.errors import (
-    ElasticEPError, EpochMovedError, EtcdUnavailableError, MalformedValueError, NotLeaderError,
+    ElasticEPError, EpochMovedError, EtcdUnavailableError, MalformedValueError, NotLeaderError, RecordTooLargeError,
 )
 from elastic_ep.core.policy import get_policy
 
@@ -307,6 +307,13 @@ class Controller:
                 continue
             except NotLeaderError as e:
                 log.warning("%s", e)
+                continue
+            except RecordTooLargeError as e:
+                # Etcd is up and refused the size: a fast retry cannot help, so wait the
+                # resync (the record may shrink, or the limit be raised) and log each size once.
+                if self.metrics.record_too_large(e.operation, e.what, e.size):
+                    log.error("epoch %d: %s", self._epoch, e)
+                stop.wait(self.cfg.resync_s)
                 continue
             except EtcdUnavailableError as e:
                 self.metrics.etcd_errors.inc()

@@ -431,9 +431,9 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
                                 num_joining=len(change.joining))
     if mapping.new_ep_size * ms.slots_per_rank < ms.num_logical:
         return _too_few(ps, mapping.new_ep_size, memory)
-    new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms))
     nodes = ([view.ranks[member_id(m)].node if member_id(m) in view.ranks else "" for m in members]
              + [view.ranks[r].node for r in change.joining])
+    new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes))
     plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes)
     if not change and not plan.transfers:
         return ps.act(Kind.BALANCED, replace(memory, last_rebalance=ps.now), reason=reason)
@@ -443,6 +443,14 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
     detect = ps.now - memory.detected_at if memory.detected_at is not None else 0.0
     memory = replace(memory, seen=None, shortage=None, detected_at=None, phases={rec.epoch: {"detect": detect}})
     return ps.act(Kind.PUBLISH, memory, epoch=rec.epoch, record=rec, reason=reason)
+
+
+def _node_count(mapping: RankMapping, nodes: list[str]) -> int | None:
+    """Distinct non-empty node labels of the new ranks (``nodes``: one per old rank,
+    then one per joining rank), or None when none has a label (the policy then keeps
+    its configured count)."""
+    kept = (nodes[o] for o in mapping.new_to_old()[: mapping.num_surviving])
+    return len({*kept, *nodes[mapping.old_ep_size:]} - {""}) or None
 
 
 def _too_few(ps: _Pass, ranks: int, memory: Memory) -> Action:

@@ -9,12 +9,13 @@ this module, so replacing the distribution touches one file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import grpc
 
-from elastic_ep.errors import ConfigError, EtcdUnavailableError
+from elastic_ep.errors import ConfigError, EtcdUnavailableError, RecordTooLargeError
 
 T = TypeVar("T")
 
@@ -37,6 +38,8 @@ class EtcdConfig:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout_s: float = 5.0
+    max_send_bytes: int = 64 << 20
+    max_receive_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         host, _, port = self.endpoint.rpartition(":")
@@ -48,6 +51,8 @@ class EtcdConfig:
             raise ConfigError("etcd client TLS needs the CA certificate (ca=) to check the server")
         if (self.user is None) != (self.password is None):
             raise ConfigError("etcd auth needs both user and password (or neither)")
+        if min(self.max_send_bytes, self.max_receive_bytes) < 1024:
+            raise ConfigError(f"gRPC message limits must be at least 1 KiB, not {self.max_send_bytes}/{self.max_receive_bytes}")
         if not self.prefix.startswith("/") or self.prefix.endswith("/") or "/" in self.deployment:
             raise ConfigError(f"prefix {self.prefix!r} must start and not end with '/', deployment {self.deployment!r} has no '/'")
 
@@ -57,10 +62,20 @@ class EtcdConfig:
         return f"{self.prefix}/{self.deployment}"
 
 
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]
-"""gRPC refuses replies over 4 MiB by default; one read of a deployment holds every
-rank's key (each value bounded by :data:`controller.records.MAX_BYTES`), so a few large
-values must not make every read fail."""
+def grpc_options(cfg: EtcdConfig) -> list[tuple[str, int]]:
+    """The channel's message limits, both set on purpose rather than left to gRPC.
+
+    Receive: gRPC refuses replies over 4 MiB by default; one read of a deployment holds
+    every rank's key (each value bounded by :data:`controller.records.MAX_BYTES`), so a
+    few large values must not make every read fail. Send: etcd itself refuses requests
+    over its ``--max-request-bytes`` (1.5 MiB by default) with a clear error, so the
+    client's limit only stops a runaway request before it crosses the network; it sits
+    far above etcd's so that raising etcd's limit needs no client change.
+    Example: ``grpc_options(EtcdConfig())`` ->
+    ``[("grpc.max_send_message_length", 67108864), ("grpc.max_receive_message_length", 268435456)]``.
+    """
+    return [("grpc.max_send_message_length", cfg.max_send_bytes),
+            ("grpc.max_receive_message_length", cfg.max_receive_bytes)]
 
 
 def connect(cfg: EtcdConfig) -> Any:
@@ -74,7 +89,7 @@ def connect(cfg: EtcdConfig) -> Any:
     client = call(
         etcd3.client, what, host=host, port=int(port), ca_cert=cfg.ca, cert_key=cfg.key,
         cert_cert=cfg.cert, timeout=cfg.timeout_s, user=cfg.user, password=cfg.password,
-        grpc_options=GRPC_OPTIONS,
+        grpc_options=grpc_options(cfg),
     )
     # The client marks its endpoint failed for 300 s after one UNAVAILABLE and refuses
     # every call meanwhile; gRPC reconnects by itself, so retry soon instead (an etcd
@@ -149,13 +164,62 @@ def _translate(e: BaseException, what: str) -> Exception:
     return EtcdUnavailableError(f"{what}: {code.name if code else type(e).__name__} ({details})")
 
 
+# etcd's own refusal carries no sizes; gRPC's ("grpc: received message larger than max
+# (2621497 vs. 2097152)" from the server, "Received message larger than max (N vs. M)"
+# for a reply over this client's limit, "Sent message larger than max" over its send
+# limit) carries both.
+_ETCD_TOO_LARGE = "request is too large"
+_GRPC_TOO_LARGE = re.compile(r"(Received|received|Sent|sent|send) message larger than max(?: \((\d+) vs\. (\d+)\))?")
+
+
+def _request_bytes(args: Any) -> int:
+    """Bytes of keys and values in a call's arguments (transaction operations included):
+    the size of a refused request when the refusal does not say it."""
+    if isinstance(args, (bytes, bytearray, str)):
+        return len(args)
+    if isinstance(args, (list, tuple)):
+        return sum(_request_bytes(a) for a in args)
+    if isinstance(args, dict):
+        return sum(_request_bytes(a) for a in args.values())
+    return sum(_request_bytes(getattr(args, f, None) or b"") for f in ("key", "value"))
+
+
+def _first_key(args: Any) -> str:
+    """The first key among a call's arguments (or its transaction's operations)."""
+    for a in args:
+        if isinstance(a, (bytes, str)):
+            return a.decode(errors="replace") if isinstance(a, bytes) else a
+        if isinstance(a, (list, tuple)) and (k := _first_key(a)):
+            return k
+        if isinstance(getattr(a, "key", None), (bytes, str)):
+            return _first_key([a.key])
+    return ""
+
+
+def _too_large(e: BaseException, what: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> RecordTooLargeError | None:
+    """:class:`RecordTooLargeError` when ``e`` is a size refusal by etcd or gRPC, else None."""
+    rpc = _rpc_error(e)
+    details = (rpc.details() if rpc is not None and hasattr(rpc, "details") else None) or ""
+    match = _GRPC_TOO_LARGE.search(details)
+    if _ETCD_TOO_LARGE not in details and match is None:
+        return None
+    direction = "response" if match is not None and match.group(1) == "Received" else "request"
+    size, limit = (int(match.group(2)), int(match.group(3))) if match and match.group(2) else (0, 0)
+    if direction == "request" and not size:
+        size = _request_bytes([args, kwargs])
+    key = _first_key(list(args) + [kwargs.get("success", [])])
+    return RecordTooLargeError(what, key, getattr(fn, "__name__", "call"), direction, size, limit)
+
+
 def call(fn: Callable[..., T], what: str, *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` with etcd and gRPC errors as :class:`EtcdUnavailableError`
-    (or ``PermissionError`` for auth), naming ``what``."""
+    (or ``PermissionError`` for auth, :class:`RecordTooLargeError` for a request or reply
+    over a size limit), naming ``what``. Example: ``call(client.put, "store set x", key,
+    value)`` with a 1.6 MiB value raises ``RecordTooLargeError`` (size 1677722 bytes)."""
     try:
         return fn(*args, **kwargs)
     except Exception as e:
-        t = _translate(e, what)
+        t = _too_large(e, what, fn, args, kwargs) or _translate(e, what)
         if t is e:
             raise
         raise t from e

@@ -38,11 +38,24 @@ class ControllerMetrics:
         self.pass_errors = Counter("elastic_ep_reconcile_errors", "Reconcile passes that failed and were retried",
                                    registry=r)
         self.etcd_errors = Counter("elastic_ep_etcd_unavailable", "Times etcd could not be reached", registry=r)
+        self.too_large = Counter("elastic_ep_record_too_large",
+                                 "Requests or replies refused for their size, by etcd client call", ["operation"],
+                                 registry=r)
+        self._too_large_seen: set[tuple[str, int]] = set()
         self.heartbeat = time.monotonic()
 
     def beat(self) -> None:
         """The control loop made progress against etcd (``/healthz`` reads this)."""
         self.heartbeat = time.monotonic()
+
+    def record_too_large(self, operation: str, what: str, size: int) -> bool:
+        """Count one size refusal; True the first time this ``(what, size)`` is seen, so
+        that a loop retrying on its resync logs each oversized record once. Example:
+        ``m.record_too_large("transaction", "publish plan", 1700000)`` -> True, then False."""
+        self.too_large.labels(operation=operation).inc()
+        first = (what, size) not in self._too_large_seen
+        self._too_large_seen.add((what, size))
+        return first
 
     def members(self, ranks: Iterable[Any]) -> None:
         counts = {"joining": 0, "active": 0, "draining": 0}

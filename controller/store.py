@@ -18,6 +18,9 @@ from elastic_ep.errors import EtcdUnavailableError
 
 from controller.etcd_client import call
 
+MAX_TXN_OPS = 128
+"""etcd's ``--max-txn-ops`` default: the most operations one transaction may hold."""
+
 
 def _as_bytes(value: Any) -> bytes:
     """Store values as torch passes them: bytes-like as is, anything else as its text."""
@@ -55,9 +58,14 @@ class EtcdStore(dist.Store):
         return bytes(v)
 
     def check(self, keys: list[str]) -> bool:
-        for k in keys:
-            v, _ = call(self.client.get, f"store check {k}", self._k(k))
-            if v is None:
+        """True when every key is set: one transaction per :data:`MAX_TXN_OPS` keys (the
+        barrier checks many keys at once while it looks for missing participants)."""
+        tx = self.client.transactions
+        for at in range(0, len(keys), MAX_TXN_OPS):
+            chunk = keys[at:at + MAX_TXN_OPS]
+            _, responses = call(self.client.transaction, f"store check {chunk[0]} (+{len(chunk) - 1})",
+                                compare=[], success=[tx.get(self._k(k)) for k in chunk], failure=[])
+            if any(not list(r) for r in responses):
                 return False
         return True
 

@@ -18,6 +18,7 @@ thing (layer, rank, file, tensor, key) and, where there is one, the fix.
     ├── AgentStateError        a rank agent transition its table does not allow
     └── EtcdError              the control plane's store
         ├── EtcdUnavailableError   etcd cannot be reached (or lost quorum)
+        ├── RecordTooLargeError    a request or reply over etcd's or gRPC's size limit
         ├── MalformedValueError    a value under the prefix that cannot be parsed
         ├── DuplicateRankError     a rank id held by another live process
         └── FencedWriteError       a controller's fenced write refused
@@ -98,6 +99,32 @@ class EtcdError(ElasticEPError):
 
 class EtcdUnavailableError(EtcdError):
     """etcd cannot be reached, timed out, or has no quorum; callers wait it out."""
+
+
+class RecordTooLargeError(EtcdError):
+    """A write or read refused for its size: etcd's ``--max-request-bytes`` (1.5 MiB by
+    default), gRPC's message limit on the server (2 MiB beyond that) or this client's
+    receive limit. Retrying cannot help; the record must shrink or the limit rise.
+
+    ``what``: the operation's description; ``key``: the first key involved ("" if
+    unknown); ``operation``: the client call (``put``, ``transaction``, ``get``...);
+    ``direction``: ``"request"`` or ``"response"``; ``size`` / ``limit``: bytes, 0 when
+    unknown. Example: ``RecordTooLargeError("publish plan", "/ep/plan", "transaction",
+    "request", 1_700_000, 1_572_864)``.
+    """
+
+    def __init__(self, what: str, key: str, operation: str, direction: str, size: int, limit: int) -> None:
+        fix = ("raise the client's receive limit (EtcdConfig.max_receive_bytes) or read fewer keys at once"
+               if direction == "response" else
+               "raise etcd's --max-request-bytes (and the clients' send limit) or write smaller records")
+        over = (f"{limit} bytes" if limit else "etcd's --max-request-bytes (1.5 MiB by default)"
+                if direction == "request" else "this client's receive limit")
+        super().__init__(
+            f"{what}: {direction} of {operation}" + (f" on {key!r}" if key else "")
+            + f" is {size or 'an unknown number of'} bytes, over {over}; retrying cannot help: {fix}"
+        )
+        self.what, self.key, self.operation, self.direction = what, key, operation, direction
+        self.size, self.limit = size, limit
 
 
 class MalformedValueError(EtcdError, ValueError):

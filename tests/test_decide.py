@@ -13,6 +13,7 @@ from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, 
 from controller.view import ClusterView
 from elastic_ep.core.placement import ExpertPlacement, balance, initial_placement
 from elastic_ep.core.plan import DISK, build_plan
+from elastic_ep.core.policy import MinMigrationPolicy, RebalancePolicy
 from elastic_ep.core.rank_mapping import RankMapping
 
 # 2 MoE layers, 8 experts, 4 slots a rank: 2 ranks hold every expert, 1 rank does not.
@@ -432,3 +433,27 @@ def test_load_of_a_rank_that_is_not_registered_is_not_counted() -> None:
     ghost = ClusterView(ranks=ranks(rank("r0"), rank("r1"), rank("r2")), loads=skewed_loads(["ghost"], hot=5))
     a = decide(ghost, Memory(last_rebalance=0.0), replace(CFG, settle_s=0.0), T0)
     assert a.kind is Kind.BOOTSTRAP and (a.record.placement.logcnt[:, 5] == 1).all()
+
+
+class _NodeSpy(RebalancePolicy):
+    """min_migration, recording the node count ``decide`` passes."""
+
+    name = "node_spy"
+
+    def __init__(self) -> None:
+        self.seen: list[int | None] = []
+
+    def place(self, old, mapping, load, carry, nodes=None):
+        self.seen.append(nodes)
+        return MinMigrationPolicy().place(old, mapping, load, carry, nodes)
+
+
+def test_the_policy_gets_the_node_count_of_the_ranks_left() -> None:
+    spy = _NodeSpy()
+    cfg = replace(CFG, policy=spy, settle_s=0.0)
+    four = [tok(r) for r in ("r0", "r1", "r2", "r3")]
+    view = steady_view(rank("r0"), rank("r1", node="n1"), rank("r2", node="n1"), members=four)  # r3 (n2) died
+    assert decide(view, Memory(last_rebalance=0.0), cfg, T0).kind is Kind.PUBLISH
+    unlabeled = steady_view(rank("r0", node=""), rank("r1", node=""), rank("r2", node=""), members=four)
+    decide(unlabeled, Memory(last_rebalance=0.0), cfg, T0)
+    assert spy.seen == [2, None]

@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -6,7 +8,7 @@ from elastic_ep.core.eplb import rebalance_experts
 from elastic_ep.errors import ConfigError
 from elastic_ep.core.placement import ExpertPlacement, balance
 from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes
-from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy, get_policy, keep_local_slots
+from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy, _excess, get_policy, keep_local_slots
 from elastic_ep.core.rank_mapping import RankMapping
 
 from strategies import placement_and_change
@@ -116,3 +118,251 @@ def test_registry_and_bad_input():
         MinMigrationPolicy().rebalance(old, RankMapping.build(4), np.ones((2, 8)))
     with pytest.raises(ConfigError, match="cannot hold 8 logical experts"):
         MinMigrationPolicy().rebalance(old, RankMapping.build(4, dead=[0]), np.ones((1, 8)))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_min_migration_moves_and_balances_as_before(seed):
+    """Batched over layers, min_migration moves no more bytes and balances no worse
+    than the per-layer algorithm it replaced (the reference below), on seeded cases
+    of failures, drains and joins."""
+    rng = np.random.default_rng(seed)
+    L, E, R = 4, int(rng.integers(8, 40)), int(rng.integers(3, 9))
+    S = -(-E // R) + int(rng.integers(0, 4))
+    load = rng.zipf(1.4, (L, E)).astype(np.float64) if seed % 2 else rng.random((L, E)) + 0.05
+    old = ExpertPlacement(rebalance_experts(load, R * S, 1, 1, R)[0], S, E)
+    dead = sorted(rng.choice(R, int(rng.integers(0, 3)), replace=False).tolist())
+    joining = int(rng.integers(0, 2))
+    while (R - len(dead) + joining) * S < E:
+        dead.pop()
+    m = RankMapping.build(R, dead=dead, num_joining=joining)
+    for policy in (MinMigrationPolicy(), MinMigrationPolicy(min_gain=0.0, max_moves_per_layer=4)):
+        new = policy.rebalance(old, m, load)
+        carry = m.carry_over(old)
+        ref_rows = [_reference_layer(carry[layer], load[layer], S, policy.min_gain, policy.max_moves_per_layer)
+                    for layer in range(L)]
+        ref = ExpertPlacement(keep_local_slots(carry, np.stack(ref_rows), S), S, E)
+        moved, ref_moved = (moved_bytes(build_plan(old, p, m, 1)) for p in (new, ref))
+        assert moved <= ref_moved, (seed, policy)
+        assert balance(new, load) >= balance(ref, load) - 1e-9, (seed, policy)
+
+
+def test_deepseek_runs_the_global_policy_when_groups_do_not_divide_over_nodes():
+    load = np.array([[1.0, 1.0, 1.0, 3.0]])
+    old = ExpertPlacement(np.array([[0, 1, 2, 3, 0, 1]]), 2, 4)
+    new = get_policy("deepseek", num_groups=2, num_nodes=3).rebalance(old, RankMapping.build(3), load)
+    glob = rebalance_experts(load, 6, 1, 1, 3)[0].numpy()
+    for r in range(3):
+        assert sorted(new.rank_slots(r)[0].tolist()) == sorted(glob[0, 2 * r : 2 * r + 2].tolist())
+    assert all(len(set(new.rank_slots(r)[0].tolist())) == 2 for r in range(3))  # no expert twice on a rank
+
+
+def test_deepseek_takes_the_node_count_of_the_new_ranks(rng):
+    load = rng.random((2, 16))
+    old = ExpertPlacement(rebalance_experts(load, 32, 4, 4, 8)[0], 4, 16)
+    m = RankMapping.build(8, dead=[6, 7])  # one node of four left: 3 nodes of 2 ranks
+    policy = DeepSeekPolicy(num_groups=4, num_nodes=4)
+    for nodes, want in ((None, (4, 1, 6)), (3, (1, 1, 6)), (2, (4, 2, 6))):
+        new = policy.rebalance(old, m, load, nodes=nodes)
+        ref = rebalance_experts(load, 24, *want)[0].numpy()
+        for r in range(6):
+            assert (np.sort(new.rank_slots(r), axis=1) == np.sort(ref[:, r * 4 : (r + 1) * 4], axis=1)).all(), nodes
+    with pytest.raises(ConfigError, match="nodes=7 must be between 1 and the new rank count 6"):
+        policy.rebalance(old, m, load, nodes=7)
+
+
+# -- the min_migration of before its layers were batched: a reference for its outputs ------
+def _replicas_on_rank(row: np.ndarray, slot_rank: np.ndarray, num_logical: int, ranks: int) -> np.ndarray:
+    """``[num_logical, ranks]``: replicas of each expert on each rank."""
+    out = np.zeros((num_logical, ranks))
+    filled = row >= 0
+    np.add.at(out, (row[filled], slot_rank[filled]), 1.0)
+    return out
+
+
+def _loads_after_replacing(
+    row: np.ndarray, cnt: np.ndarray, w: np.ndarray, rl: np.ndarray, slot_rank: np.ndarray, cand: np.ndarray, h: int,
+    on_rank: np.ndarray,
+) -> np.ndarray:
+    """Rank loads ``[len(cand), ranks]`` after putting expert ``h`` in each candidate
+    slot instead of its current expert ``a`` (which must keep another replica).
+
+    Every replica of ``h`` sheds load (its count grows), every other replica of ``a``
+    takes more, and the candidate's rank swaps ``a``'s share for ``h``'s.
+    ``on_rank``: :func:`_replicas_on_rank` of ``row``.
+    """
+    base = rl - on_rank[h] * (w[h] / cnt[h] - w[h] / (cnt[h] + 1)) if cnt[h] else rl
+    a = row[cand]
+    grow = w[a] / (cnt[a] - 1) - w[a] / cnt[a]
+    new = base[None, :] + on_rank[a] * grow[:, None]
+    new[np.arange(cand.size), slot_rank[cand]] += w[h] / (cnt[h] + 1) - w[a] / cnt[a] - grow
+    return new
+
+
+def _reference_layer(carry_row: np.ndarray, w: np.ndarray, spr: int, min_gain: float, max_moves: int) -> np.ndarray:
+    row = carry_row.copy()
+    E, P = w.size, row.size
+    ranks = P // spr
+    slot_rank = np.arange(P) // spr
+    cnt = np.bincount(row[row >= 0], minlength=E)
+
+    def rank_load() -> np.ndarray:
+        filled = row >= 0
+        per = w[row[filled]] / cnt[row[filled]]
+        return np.bincount(slot_rank[filled], weights=per, minlength=ranks)
+
+    # 1. Every expert without a replica gets a slot, heaviest first: an empty slot
+    #    (a joining rank's, which must be filled anyway) if there is one, else the
+    #    slot of a redundant replica on a rank that took the fewest such experts so
+    #    far, so that their (disk or peer) reads spread over the ranks.
+    homeless = np.flatnonzero(cnt == 0)
+    homeless = homeless[np.argsort(-w[homeless], kind="stable")]
+    taken = np.zeros(ranks, dtype=np.int64)
+    for e in homeless:
+        rl = rank_load()
+        free = np.flatnonzero(row < 0)
+        if free.size:
+            slot = free[np.argmin(rl[slot_rank[free]])]
+        else:
+            cand = np.flatnonzero(cnt[row] >= 2)
+            cand = cand[taken[slot_rank[cand]] == taken[slot_rank[cand]].min()]
+            # Of the redundant replicas there, replace the one that leaves the
+            # least excess load.
+            on_rank = _replicas_on_rank(row, slot_rank, E, ranks)
+            slot = cand[np.argmin(_excess(_loads_after_replacing(row, cnt, w, rl, slot_rank, cand, e, on_rank)))]
+            cnt[row[slot]] -= 1
+        row[slot] = e
+        cnt[e] += 1
+        taken[slot_rank[slot]] += 1
+
+    # 2. Empty slots (joining ranks) take replicas of the experts with the greatest
+    #    load per replica, on the least loaded rank not already holding that expert.
+    while (row < 0).any():
+        e = int(np.argmax(w / np.maximum(cnt, 1)))
+        free = np.flatnonzero(row < 0)
+        holders = np.zeros(ranks, dtype=bool)
+        holders[slot_rank[row == e]] = True
+        pref = free[~holders[slot_rank[free]]]
+        if pref.size:
+            free = pref
+        rl = rank_load()
+        slot = free[np.argmin(rl[slot_rank[free]])]
+        row[slot] = e
+        cnt[e] += 1
+
+    # 3. Moves that pay for balance, while the budget lasts: re-home a replica of
+    #    an expert of the peak rank, or swap a slot of the peak rank with another,
+    #    whichever lowers the layer's excess load (sum over ranks of load above the
+    #    mean) most per transfer it adds, if by at least min_gain x mean. Excess
+    #    rather than peak, so that lowering one of several equal peaks counts.
+    #    Only experts that kept a replica on a surviving rank get new copies, and
+    #    a swap never raises the most disk reads a rank makes: no move adds to or
+    #    concentrates the disk reads.
+    ctx = _ReferenceMoves(carry_row, row, cnt, w, spr, taken, int(taken.max(initial=0)))
+    spent = 0
+    for _ in range(4 * max_moves + spr):  # each accepted move lowers excess
+        rl = rank_load()
+        moves = [m for m in (ctx.best_replicate(rl), ctx.best_swap(rl)) if m is not None]
+        if not moves:
+            break
+        gain, cost, apply = max(moves, key=lambda m: m[0] / max(m[1], 1e-9))
+        if cost > 0 and (gain / cost < min_gain * rl.mean() or spent + cost > max_moves):
+            break
+        apply()
+        spent += max(cost, 0)
+    return row
+
+
+@dataclass
+class _ReferenceMoves:
+    """One layer's state while min_migration looks for moves that pay.
+
+    ``carry``/``row``: ``[P]`` experts before any transfer / now; ``cnt``: ``[E]``
+    replicas now; ``w``: ``[E]`` load; ``taken``: ``[ranks]`` experts without a live
+    replica placed on each rank; ``disk_cap``: the most any rank may take.
+    """
+
+    carry: np.ndarray
+    row: np.ndarray
+    cnt: np.ndarray
+    w: np.ndarray
+    spr: int
+    taken: np.ndarray
+    disk_cap: int
+
+    def __post_init__(self) -> None:
+        self.slot_rank = np.arange(self.row.size) // self.spr
+        self.kept = np.isin(np.arange(self.w.size), self.carry)
+
+    def best_replicate(self, rl: np.ndarray):
+        """(gain, cost, apply) for giving an expert of the peak rank another copy in the
+        place of a redundant replica of another expert; None if none helps."""
+        row, cnt, slot_rank = self.row, self.cnt, self.slot_rank
+        hi = int(np.argmax(rl))
+        now = float(_excess(rl))
+        best: tuple[float, int, int] | None = None
+        on_rank = _replicas_on_rank(row, slot_rank, self.w.size, rl.size)
+        redundant = cnt[row] >= 2
+        for h in np.unique(row[hi * self.spr : (hi + 1) * self.spr]):
+            if not self.kept[h]:
+                continue
+            cand = np.flatnonzero(redundant & (on_rank[h][slot_rank] == 0))
+            if cand.size == 0:
+                continue
+            excess = _excess(_loads_after_replacing(row, cnt, self.w, rl, slot_rank, cand, int(h), on_rank))
+            c = int(np.argmin(excess))
+            if best is None or excess[c] < best[0]:
+                best = (float(excess[c]), int(cand[c]), int(h))
+        if best is None or not now - best[0] > 0:
+            return None
+        _, slot, h = best
+        cost = int(row[slot] == self.carry[slot])  # replacing a slot already changing is free
+
+        def apply() -> None:
+            cnt[row[slot]] -= 1
+            row[slot] = h
+            cnt[h] += 1
+
+        return now - best[0], cost, apply
+
+    def best_swap(self, rl: np.ndarray):
+        """(gain, cost, apply) for exchanging a slot of the peak rank with a slot of
+        another rank; None if none lowers the excess."""
+        row, slot_rank, carry = self.row, self.slot_rank, self.carry
+        hi = int(np.argmax(rl))
+        xs = np.arange(hi * self.spr, (hi + 1) * self.spr)
+        per = self.w[row] / self.cnt[row]
+        delta = per[xs][:, None] - per[None, :]  # [spr, P]: load hi sheds, slot y's rank takes
+        mean = rl.mean()
+        ry = slot_rank
+        before = max(rl[hi] - mean, 0.0) + np.clip(rl[ry] - mean, 0.0, None)[None, :]
+        after = np.clip(rl[hi] - delta - mean, 0.0, None) + np.clip(rl[ry][None, :] + delta - mean, 0.0, None)
+        # Never swap within the peak rank or put a second copy of an expert on a rank.
+        holds = _replicas_on_rank(row, slot_rank, self.w.size, rl.size) > 0
+        bad = (ry == hi)[None, :] | holds[row[xs]][:, ry] | holds[row][:, hi][None, :]
+        # Experts without a live replica moving between ranks: keep within disk_cap.
+        hx = (~self.kept[row[xs]]).astype(np.int64)[:, None]
+        hy = (~self.kept[row]).astype(np.int64)[None, :]
+        bad |= (self.taken[ry][None, :] + hx - hy > self.disk_cap) | (self.taken[hi] - hx + hy > self.disk_cap)
+        changed = row != carry
+        cost = (
+            (row[None, :] != carry[xs][:, None]).astype(np.int64)
+            + (row[xs][:, None] != carry[None, :])
+            - changed[xs][:, None]
+            - changed[None, :]
+        )
+        gain = np.where(bad, -np.inf, before - after)
+        score = gain / np.maximum(cost, 1e-9)
+        i, j = np.unravel_index(np.argmax(np.where(gain > 0, score, -np.inf)), gain.shape)
+        if not gain[i, j] > 0:
+            return None
+        x, y = int(xs[i]), int(j)
+        taken = self.taken
+
+        def apply() -> None:
+            taken[hi] += int(hy[0, y] - hx[i, 0])
+            taken[slot_rank[y]] += int(hx[i, 0] - hy[0, y])
+            row[x], row[y] = row[y], row[x]
+
+        return float(gain[i, j]), int(cost[i, j]), apply
+
+

@@ -28,6 +28,7 @@ by every plan; ``prefix`` defaults to ``elastic-ep``). Within it::
 
     exec/hb/<participant>                        heartbeat counter (StoreHeartbeat)
     exec/layer/<layer>/done/<participant>        arrived at the layer's barrier
+    exec/layer/<layer>/arrived                   arrivals counted at the layer's barrier
     exec/layer/<layer>/excluded/<participant>    the others passed the barrier without it
     transport/endpoint/<participant>             the transport's endpoint (``transport``
                                                  is the transport's ``prefix``)
