@@ -47,16 +47,34 @@ def _check_inputs(old: ExpertPlacement, mapping: RankMapping, load: np.ndarray) 
 
 def _excess(rank_load: np.ndarray) -> np.ndarray:
     """Load above the mean, summed over ranks (the last axis)."""
-    return np.clip(rank_load - rank_load.mean(axis=-1, keepdims=True), 0.0, None).sum(axis=-1)
+    above = rank_load - rank_load.mean(axis=-1, keepdims=True)
+    return np.maximum(above, 0.0, out=above).sum(axis=-1)
+
+
+def _true_indices(mask: np.ndarray, most: int) -> np.ndarray:
+    """``[X, k]``: the column indices of the ``True`` entries of each row of ``mask``
+    ``[X, n]``, in order, at most ``most`` of them, ``-1`` padded (``k >= 1``)."""
+    counts = mask.sum(axis=-1)
+    k = int(min(max(counts.max(initial=1), 1), most))
+    r, c = np.nonzero(mask)  # row-major: each row's columns in order
+    nth = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = nth < k
+    out = np.full((mask.shape[0], k), -1, dtype=np.int64)
+    out[r[keep], nth[keep]] = c[keep]
+    return out
+
+
+def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``[n, K, H]``: ``x[i, idx[i]]`` for ``x`` ``[n, M, H]`` and ``idx`` ``[n, K]``
+    (``np.take`` of whole rows: far faster than ``take_along_axis`` over three axes)."""
+    n, M, H = x.shape
+    return np.take(x.reshape(n * M, H), np.arange(n)[:, None] * M + idx, axis=0)
 
 
 def _near_min(score: np.ndarray, tol: np.ndarray, most: int) -> np.ndarray:
     """``[X, k]``: the indices of each row of ``score`` ``[X, n]`` within ``tol`` ``[X]``
     of the row's minimum, in order, at most ``most`` of them, ``-1`` padded."""
-    near = score <= (score.min(axis=-1) + tol)[:, None]
-    k = int(min(near.sum(axis=-1).max(initial=1), most))
-    idx = np.argsort(~near, axis=-1, kind="stable")[:, :k]
-    return np.where(np.take_along_axis(near, idx, -1), idx, -1)
+    return _true_indices(score <= (score.min(axis=-1) + tol)[:, None], most)
 
 
 class RebalancePolicy(ABC):
@@ -97,21 +115,28 @@ def keep_local_slots(before: np.ndarray, after: np.ndarray, slots_per_rank: int)
     before: [num_layers, num_physical], ``-1`` for an empty slot
     after: [num_layers, num_physical], same shape
     Returns: [num_layers, num_physical], each rank holding the same multiset as ``after``.
+
+    Per rank: the ``k``-th copy of an expert in ``before`` keeps its slot if ``after``
+    has more than ``k`` copies of it there; the rest of ``after`` (its first copies of
+    each kept expert taken out) fills the other slots in order. All ranks at once.
     """
     L, P = after.shape
-    out = after.copy()
-    for layer in range(L):
-        for start in range(0, P, slots_per_rank):
-            old_row = before[layer, start : start + slots_per_rank].tolist()
-            pool = after[layer, start : start + slots_per_rank].tolist()
-            row: list[int | None] = [None] * slots_per_rank
-            for i, e in enumerate(old_row):
-                if e >= 0 and e in pool:
-                    pool.remove(e)
-                    row[i] = e
-            rest = iter(pool)
-            out[layer, start : start + slots_per_rank] = [e if e is not None else next(rest) for e in row]
-    return out
+    b = before.reshape(-1, slots_per_rank)
+    a = after.reshape(-1, slots_per_rank)
+    earlier = np.tril(np.ones((slots_per_rank, slots_per_rank), dtype=bool), -1)
+
+    def nth_copy(x: np.ndarray) -> np.ndarray:  # [M, spr]: copies of x[i] before slot i
+        return ((x[:, :, None] == x[:, None, :]) & earlier).sum(axis=-1)
+
+    keep = (b >= 0) & (nth_copy(b) < (b[:, :, None] == a[:, None, :]).sum(axis=-1))
+    taken = (a >= 0) & (nth_copy(a) < (a[:, :, None] == b[:, None, :]).sum(axis=-1))
+    free = np.argsort(keep, axis=1, kind="stable")  # the other slots first, in order
+    rest = np.argsort(taken, axis=1, kind="stable")  # what is left of after, in order
+    fill = np.arange(slots_per_rank) < (~keep).sum(axis=1, keepdims=True)
+    rows = np.broadcast_to(np.arange(a.shape[0])[:, None], a.shape)
+    out = np.where(keep, b, a)
+    out[rows[fill], free[fill]] = a[rows[fill], rest[fill]]
+    return out.reshape(L, P)
 
 
 @dataclass(frozen=True)
@@ -303,25 +328,26 @@ class _Layers:
         redundant = np.take_along_axis(self.cnt[ls], row, 1) >= 2
         tk = self.taken[ls][:, self.slot_rank]
         fewest = np.where(redundant, tk, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
-        excess = self.excess_after_replacing(ls, e[:, None], rl)
-        excess = np.where((redundant & (tk == fewest))[:, None, :], excess, np.inf)
-        return self._least_excess(ls, e[:, None], rl, excess)[0]
+        slots = _true_indices(redundant & (tk == fewest), row.shape[1])
+        excess = self.excess_after_replacing(ls, e[:, None], slots, rl)
+        return self._least_excess(ls, e[:, None], slots, rl, excess)[0]
 
-    def _least_excess(self, ls: np.ndarray, h: np.ndarray, rl: np.ndarray,
-                      excess: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The (slot, expert) pair of least ``excess`` ``[n, H, P]`` (from
-        :meth:`excess_after_replacing`, ``inf`` where not allowed): ``(slot, j, excess)``
-        ``[n]`` each, ``j`` indexing ``h`` ``[n, H]``.
+    def _least_excess(self, ls: np.ndarray, h: np.ndarray, slots: np.ndarray, rl: np.ndarray,
+                      excess: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (slot, expert) pair of least ``excess`` ``[n, H, K]`` (from
+        :meth:`excess_after_replacing` on candidate ``slots`` ``[n, K]``, ``inf`` where not
+        allowed): ``(slot, j, excess)`` ``[n]`` each, ``j`` indexing ``h`` ``[n, H]``.
 
         Pairs within rounding of the least are compared again by the rank loads
         summed in full (:meth:`_excess_in_full`), so that equal inputs give equal
-        choices whichever formula found the candidates."""
-        n, H, P = excess.shape
+        choices whichever formula found the candidates; the first 64 of them in
+        (expert, slot) order, as ``slots`` is ascending."""
+        n, H, K = excess.shape
         flat = excess.reshape(n, -1)
-        near = _near_min(flat, 1e-9 * (1.0 + rl.sum(axis=-1)), 64)
-        slot, j = np.maximum(near, 0) % P, np.maximum(near, 0) // P
-        full = np.where(near >= 0, self._excess_in_full(ls, np.take_along_axis(h, j, 1), slot, rl), np.inf)
-        full = np.where(np.isfinite(np.take_along_axis(flat, np.maximum(near, 0), 1)), full, np.inf)
+        near = np.maximum(_near_min(flat, 1e-9 * (1.0 + rl.sum(axis=-1)), 64), 0)
+        slot, j = np.maximum(np.take_along_axis(slots, near % K, 1), 0), near // K
+        full = self._excess_in_full(ls, np.take_along_axis(h, j, 1), slot, rl)
+        full = np.where(np.isfinite(np.take_along_axis(flat, near, 1)), full, np.inf)
         best = np.argmin(full, axis=1)
         r = np.arange(n)
         return slot[r, best], j[r, best], full[r, best]
@@ -329,71 +355,130 @@ class _Layers:
     def _excess_in_full(self, ls: np.ndarray, h: np.ndarray, slot: np.ndarray, rl: np.ndarray) -> np.ndarray:
         """``[n, K]``: the excess load after putting expert ``h`` in ``slot`` (both
         ``[n, K]``), with every rank's load written out: ``O(K x ranks)``."""
-        n, K = h.shape
+        K = h.shape[1]
         row, cnt, w = self.row[ls], self.cnt[ls], self.w[ls]
-        E, R = w.shape[1], self.ranks
         a = np.maximum(np.take_along_axis(row, slot, 1), 0)
         wh, ch = np.take_along_axis(w, h, 1), np.take_along_axis(cnt, h, 1)
         wa, ca = np.take_along_axis(w, a, 1), np.take_along_axis(cnt, a, 1)
-        # [n * E, R] replicas of each expert on each rank, then the rows of h and a.
-        idx = (np.arange(n)[:, None] * E + np.maximum(row, 0)) * R + self.slot_rank
-        table = np.bincount(idx[row >= 0], minlength=n * E * R).reshape(n * E, R)
-        lay = np.arange(n)[:, None] * E
-        on_h, on_a = table[lay + h], table[lay + a]
+        on = self._replicas_per_rank(ls, np.concatenate([h, a], axis=1))
+        on_h, on_a = on[:, :K], on[:, K:]
         with np.errstate(divide="ignore", invalid="ignore"):
             shed = wh / ch - wh / (ch + 1)
-            base = np.where((ch > 0)[..., None], rl[:, None, :] - on_h * shed[..., None], rl[:, None, :])
+            # in place, as rl - on_h * shed + on_a * grow: these [n, K, ranks] arrays are the cost
+            new = np.multiply(on_h, shed[..., None])
+            np.subtract(rl[:, None, :], new, out=new)
+            np.copyto(new, rl[:, None, :], where=(ch <= 0)[..., None])  # a missing h sheds nothing
             grow = wa / (ca - 1) - wa / ca
-            new = base + on_a * grow[..., None]
+            new += np.multiply(on_a, grow[..., None])
             np.put_along_axis(new, (slot // self.spr)[..., None],
                               np.take_along_axis(new, (slot // self.spr)[..., None], -1)
                               + (wh / (ch + 1) - wa / ca - grow)[..., None], -1)
         return _excess(new)
 
-    def excess_after_replacing(self, ls: np.ndarray, h: np.ndarray, rl: np.ndarray) -> np.ndarray:
-        """``[n, H, P]``: the excess load of layer ``ls[i]`` after putting expert
-        ``h[i, j]`` in slot ``c`` instead of its expert ``a`` (meaningful where ``a``
-        keeps another replica and ``c``'s rank holds no ``h``).
+    def _replicas_per_rank(self, ls: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``[n, K, ranks]``: the replicas of expert ``x`` ``[n, K]`` of layers ``ls`` on
+        each rank. Slots sorted by expert give each expert's replicas as one run, so
+        only ``x``'s replicas are visited (a hot expert may have a hundred: no padding
+        to the longest run), never a whole expert x rank table."""
+        row, cnt = self.row[ls], self.cnt[ls]
+        n, K = x.shape
+        P = row.shape[1]
+        order = np.argsort(np.where(row >= 0, row, cnt.shape[1]), axis=1, kind="stable")
+        start = np.take_along_axis(np.cumsum(cnt, axis=1) - cnt, x, 1) + np.arange(n)[:, None] * P
+        runs = np.take_along_axis(cnt, x, 1).ravel()
+        within = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
+        slot = order.ravel()[np.repeat(start.ravel(), runs) + within]
+        idx = np.repeat(np.arange(n * K), runs) * self.ranks + slot // self.spr
+        return np.bincount(idx, minlength=n * K * self.ranks).reshape(n, K, self.ranks)
+
+    def excess_after_replacing(self, ls: np.ndarray, h: np.ndarray, slots: np.ndarray,
+                               rl: np.ndarray) -> np.ndarray:
+        """``[n, H, K]``: the excess load of layer ``ls[i]`` after putting expert
+        ``h[i, j]`` in slot ``c = slots[i, k]`` instead of its expert ``a``, which must
+        keep another replica; ``inf`` where ``c`` is ``-1`` or its rank holds ``h``.
+        The ``h`` of a layer all have a replica, or there is one (``H == 1``).
 
         Every replica of ``h`` sheds load (its count grows), every other replica of
-        ``a`` takes more, and ``c``'s rank swaps ``a``'s share for ``h``'s. Only ranks
-        holding ``a`` change besides ``c``'s, so the sum over ranks is the unchanged
-        sum plus one term per (``a``, rank) pair: ``O(H x P)``, not ``O(H x P x ranks)``.
+        ``a`` takes more, and ``c``'s rank swaps ``a``'s share for ``h``'s. The sum over
+        ranks is then: the ranks as ``h`` leaves them ``[n, H]``, plus one term per
+        (``a``, rank) pair summed per expert ``[n, E]``, corrected where a rank holds
+        both ``h`` and ``a`` ``[n, E, H]`` (few such ranks), plus ``c``'s rank
+        ``[n, H, K]``: no candidate array has a rank axis.
         """
         n, H = h.shape
         row, cnt, w = self.row[ls], self.cnt[ls], self.w[ls]
-        R, E = self.ranks, w.shape[1]
-        a = np.maximum(row, 0)
         wh, ch = np.take_along_axis(w, h, 1), np.take_along_axis(cnt, h, 1)  # [n, H]
-        mean = (rl.sum(axis=-1)[:, None] + np.where(ch == 0, wh, 0.0)) / R
-        on_h = (row[:, None, :] == h[:, :, None]).reshape(n, H, R, self.spr).sum(axis=-1)
-        shed = np.where(ch > 0, wh / np.maximum(ch, 1) - wh / (ch + 1), 0.0)
-        base = rl[:, None, :] - on_h * shed[..., None]  # [n, H, R]
+        # A missing h adds its load to the layer (only ever alone: H == 1).
+        mean = (rl.sum(axis=-1) + np.where(ch[:, 0] == 0, wh[:, 0], 0.0)) / self.ranks
 
         def pos(x: np.ndarray) -> np.ndarray:
-            return np.maximum(x - mean[..., None], 0.0)
+            return np.maximum(x - mean.reshape((n,) + (1,) * (x.ndim - 1)), 0.0)
 
+        hit = row[:, None, :] == h[:, :, None]  # [n, H, P]
+        on_h = hit.reshape(n, H, self.ranks, self.spr).sum(axis=-1)
+        shed = np.where(ch > 0, wh / np.maximum(ch, 1) - wh / (ch + 1), 0.0)
+        base = rl[:, None, :] - on_h * shed[..., None]  # [n, H, R]
+        a = np.maximum(row, 0)
         wa, ca = np.take_along_axis(w, a, 1), np.take_along_axis(cnt, a, 1)  # [n, P]
         grow = np.where(ca >= 2, wa / np.maximum(ca - 1, 1) - wa / np.maximum(ca, 1), 0.0)
         same, first = self._same_on_rank(row)
-        b_c = base[:, :, self.slot_rank]  # [n, H, P]
-        shared = b_c + (same * grow)[:, None, :]
-        pos_shared = pos(shared)
-        term = np.where(first[:, None, :], pos_shared - pos(b_c), 0.0)
-        idx = (np.arange(n * H).reshape(n, H, 1) * E + a[:, None, :]).ravel()
-        per_a = np.bincount(idx, weights=term.ravel(), minlength=n * H * E).reshape(n, H, E)
-        total = pos(base).sum(axis=-1)[..., None] + np.take_along_axis(per_a, np.broadcast_to(a[:, None, :], term.shape), 2)
-        d = (wh / (ch + 1))[..., None] - (wa / np.maximum(ca, 1) + grow)[:, None, :]
-        return total - pos_shared + pos(shared + d)
+        shared = rl[:, self.slot_rank] + same * grow  # a slot's rank as a's other copies grow
+        term = np.where(first, pos(shared) - pos(rl[:, self.slot_rank]), 0.0)
+        per_a = self._per_expert(term, a)
+        both = self._held_with_h(hit, first, a, base, same * grow, term, mean)
+        # Candidates are laid out [n, K, H] so that every gather takes whole rows of H.
+        c = np.maximum(slots, 0)
+        ac = np.take_along_axis(a, c, 1)
+        holds = on_h.transpose(0, 2, 1) > 0  # [n, R, H]
+        # c's rank: a's share out (its other copies there grow), h's share in.
+        out = np.take_along_axis(shared - wa / np.maximum(ca, 1) - grow, c, 1) - mean[:, None]
+        total = _rows(both, ac)  # summed in place: these [n, K, H] arrays are the cost
+        total += pos(base).sum(axis=-1)[:, None, :]
+        total += (np.take_along_axis(per_a, ac, 1) - np.take_along_axis(pos(shared), c, 1))[..., None]
+        c_rank = np.add(out[..., None], (wh / (ch + 1))[:, None, :])
+        total += np.maximum(c_rank, 0.0, out=c_rank)
+        bad = (slots < 0)[..., None] | _rows(holds, c // self.spr)
+        return np.where(bad, np.inf, total).transpose(0, 2, 1)
+
+    def _per_expert(self, term: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """``[n, E]``: ``term`` ``[n, P]`` summed over slots by their expert ``a`` ``[n, P]``."""
+        n, E = term.shape[0], self.w.shape[1]
+        idx = np.arange(n)[:, None] * E + a
+        return np.bincount(idx.ravel(), weights=term.ravel(), minlength=n * E).reshape(n, E)
+
+    def _held_with_h(self, hit: np.ndarray, first: np.ndarray, a: np.ndarray, base: np.ndarray,
+                     gain: np.ndarray, term: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """``[n, E, H]``: on the ranks holding ``h`` (``hit`` ``[n, H, P]``), what each
+        (``a``, rank) term changes when taken from ``base`` ``[n, H, R]`` (the rank after
+        ``h`` sheds) instead of ``term`` ``[n, P]`` (from the rank as it is), summed per
+        ``a``. ``gain`` ``[n, P]``: what a slot's rank takes as ``a``'s other copies grow;
+        ``mean`` ``[n]``. Only ``h``'s ranks times their slots are visited."""
+        n, H, P = hit.shape
+        E = self.w.shape[1]
+        i, s = np.nonzero((hit & first[:, None, :]).reshape(n * H, P))  # h's first slot on a rank
+        lay, r = (i // H)[:, None], (s // self.spr)[:, None]
+        t = r * self.spr + np.arange(self.spr)  # [M, spr]: the slots of that rank
+        b, mm = base[lay, (i % H)[:, None], r], mean[lay]
+        val = np.maximum(b + gain[lay, t] - mm, 0.0) - np.maximum(b - mm, 0.0) - term[lay, t]
+        idx = (lay * E + a[lay, t]) * H + (i % H)[:, None]
+        sel = first[lay, t]
+        both = np.bincount(idx[sel], weights=val[sel], minlength=n * E * H)
+        return both.astype(np.float64, copy=False).reshape(n, E, H)  # float even when no rank holds h
 
     def _same_on_rank(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[n, P]`` replicas of each slot's expert on its rank, and whether the slot is
-        the first of them there."""
+        the first of them there. Ranks holding an expert twice are rare: only they are
+        compared slot by slot (``spr x spr``), the others are found by sorting."""
         n, P = row.shape
-        r3 = row.reshape(n, self.ranks, self.spr)
-        eq = r3[..., :, None] == r3[..., None, :]
-        earlier = np.tril(np.ones((self.spr, self.spr), dtype=bool), -1)
-        return eq.sum(axis=-1).reshape(n, P), ~(eq & earlier).any(axis=-1).reshape(n, P)
+        r3 = row.reshape(n * self.ranks, self.spr)
+        srt = np.sort(r3, axis=-1)
+        dup = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=-1))
+        same = np.ones((n * self.ranks, self.spr), dtype=np.int64)
+        first = np.ones((n * self.ranks, self.spr), dtype=bool)
+        eq = r3[dup, :, None] == r3[dup, None, :]
+        same[dup] = eq.sum(axis=-1)
+        first[dup] = ~(eq & np.tril(np.ones((self.spr, self.spr), dtype=bool), -1)).any(axis=-1)
+        return same.reshape(n, P), first.reshape(n, P)
 
     def fill_empty(self) -> None:
         """2. Empty slots (joining ranks) take replicas of the experts with the greatest
@@ -424,11 +509,9 @@ class _Layers:
         h = np.sort(np.take_along_axis(row, xs, 1), axis=1)  # lowest id first, as np.unique
         usable = np.take_along_axis(self.kept[ls], h, 1)
         usable[:, 1:] &= h[:, 1:] != h[:, :-1]
-        on_h = (row[:, None, :] == h[:, :, None]).reshape(ls.size, self.spr, self.ranks, self.spr).any(axis=-1)
-        redundant = np.take_along_axis(self.cnt[ls], row, 1) >= 2
-        cand = usable[:, :, None] & redundant[:, None, :] & ~on_h[:, :, self.slot_rank]
-        excess = np.where(cand, self.excess_after_replacing(ls, h, rl), np.inf)
-        slot, j, least = self._least_excess(ls, h, rl, excess)
+        slots = _true_indices(np.take_along_axis(self.cnt[ls], row, 1) >= 2, row.shape[1])  # redundant
+        excess = np.where(usable[:, :, None], self.excess_after_replacing(ls, h, slots, rl), np.inf)
+        slot, j, least = self._least_excess(ls, h, slots, rl, excess)
         gain = _excess(rl) - least
         expert = h[np.arange(ls.size), j]
         cost = (row[np.arange(ls.size), slot] == self.carry[ls, slot]).astype(np.int64)  # a changing slot: free
@@ -440,52 +523,66 @@ class _Layers:
     def best_swap(self, ls: np.ndarray, rl: np.ndarray) -> _Move:
         """Per layer, exchanging a slot of the peak rank (``a``) with a slot of another
         rank (``b``), never within the peak rank, never putting a second copy of an
-        expert on a rank, never raising the most disk reads a rank makes."""
-        n = ls.size
-        row, carry, ry = self.row[ls], self.carry[ls], self.slot_rank
+        expert on a rank, never raising the most disk reads a rank makes.
+
+        Every ``[n, spr, P]`` array is built once, in place where it can be: these
+        candidate arrays are the cost of the step."""
+        n, r = ls.size, np.arange(ls.size)
+        row, carry = self.row[ls], self.carry[ls]
         hi, xs = self._peak(ls, rl)
-        per = self._per_slot(ls, row)
         rx = np.take_along_axis(row, xs, 1)
-        delta = np.take_along_axis(per, xs, 1)[:, :, None] - per[:, None, :]  # [n, spr, P]: hi sheds, y's rank takes
+        gain = self._swap_gain(ls, row, xs, hi, rl)
+        bad = self._swap_not_allowed(ls, row, rx, hi)
+        changed = row != carry
+        cost = np.add(row[:, None, :] != np.take_along_axis(carry, xs, 1)[:, :, None],
+                      rx[:, :, None] != carry[:, None, :], dtype=np.int8)
+        cost -= np.add(np.take_along_axis(changed, xs, 1)[:, :, None], changed[:, None, :], dtype=np.int8)
+        score = np.full(gain.shape, -np.inf)
+        np.divide(gain, np.maximum(cost, 1e-9), out=score, where=(gain > 0) & ~bad)
+        pick = np.argmax(score.reshape(n, -1), axis=1)
+        i, y = pick // row.shape[1], pick % row.shape[1]
+        g = np.where(bad[r, i, y], -np.inf, gain[r, i, y])
+        return _Move(g > 0, g, cost[r, i, y].astype(np.int64), xs[r, i], y)
+
+    def _swap_gain(self, ls: np.ndarray, row: np.ndarray, xs: np.ndarray, hi: np.ndarray,
+                   rl: np.ndarray) -> np.ndarray:
+        """``[n, spr, P]``: the excess the peak rank ``hi`` and slot ``y``'s rank lose
+        when peak slot ``xs[:, i]`` and ``y`` swap (the peak sheds ``delta``, ``y``'s
+        rank takes it)."""
+        n = ls.size
+        per = self._per_slot(ls, row)
+        delta = np.take_along_axis(per, xs, 1)[:, :, None] - per[:, None, :]
         mean = rl.mean(axis=-1)[:, None, None]
         rh = rl[np.arange(n), hi][:, None, None]
-        ryl = rl[:, ry][:, None, :]
+        ryl = rl[:, self.slot_rank][:, None, :]
         before = np.maximum(rh - mean, 0.0) + np.maximum(ryl - mean, 0.0)
-        after = np.maximum(rh - delta - mean, 0.0) + np.maximum(ryl + delta - mean, 0.0)
-        bad = (ry[None, :] == hi[:, None])[:, None, :] | self._swap_duplicates(row, rx)
-        bad |= self._swap_concentrates_disk(ls, row, rx, hi)
-        changed = row != carry
-        cx = np.take_along_axis(carry, xs, 1)
-        cost = ((row[:, None, :] != cx[:, :, None]).astype(np.int64) + (rx[:, :, None] != carry[:, None, :])
-                - np.take_along_axis(changed, xs, 1)[:, :, None] - changed[:, None, :])
-        gain = np.where(bad, -np.inf, before - after)
-        with np.errstate(invalid="ignore"):
-            score = np.where(gain > 0, gain / np.maximum(cost, 1e-9), -np.inf).reshape(n, -1)
-        pick = np.argmax(score, axis=1)
-        i, y = pick // row.shape[1], pick % row.shape[1]
-        g = gain.reshape(n, -1)[np.arange(n), pick]
-        return _Move(g > 0, g, cost.reshape(n, -1)[np.arange(n), pick], xs[np.arange(n), i], y)
+        after = np.subtract(rh, delta)
+        after -= mean
+        np.maximum(after, 0.0, out=after)
+        y_side = np.add(ryl, delta, out=delta)
+        y_side -= mean
+        after += np.maximum(y_side, 0.0, out=y_side)
+        return np.subtract(before, after, out=after)
 
-    def _swap_duplicates(self, row: np.ndarray, rx: np.ndarray) -> np.ndarray:
-        """``[n, spr, P]``: swapping peak slot ``i`` with slot ``y`` would put a second
-        copy of an expert on a rank."""
-        n = row.shape[0]
-        r3 = row.reshape(n, 1, self.ranks, self.spr)
-        x_on = (r3 == rx[:, :, None, None]).any(axis=-1)[:, :, self.slot_rank]  # y's rank holds x's expert
-        y_on = (row[:, :, None] == rx[:, None, :]).any(axis=-1)  # the peak rank holds y's expert
-        return x_on | y_on[:, None, :]
-
-    def _swap_concentrates_disk(self, ls: np.ndarray, row: np.ndarray, rx: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """``[n, spr, P]``: the swap moves experts without a live replica so that a rank
-        would take more of them than the most any rank took when they were placed."""
-        n = ls.size
+    def _swap_not_allowed(self, ls: np.ndarray, row: np.ndarray, rx: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """``[n, spr, P]``: swapping peak slot ``i`` (expert ``rx[:, i]``) with slot ``y``
+        is not allowed: ``y`` is on the peak rank, the swap would put a second copy of
+        an expert on a rank, or would make a rank take more experts without a live
+        replica than the most any rank took when they were placed."""
+        n, r = ls.size, np.arange(ls.size)
+        # [n, spr, ranks] -> per slot: y's rank holds x's expert
+        x_on = np.repeat((row.reshape(n, 1, self.ranks, self.spr) == rx[:, :, None, None]).any(axis=-1),
+                         self.spr, axis=-1)
+        y_side = (row[:, :, None] == rx[:, None, :]).any(axis=-1)  # the peak rank holds y's expert
+        y_side |= self.slot_rank[None, :] == hi[:, None]
         kept = self.kept[ls]
-        hx = (~np.take_along_axis(kept, rx, 1)).astype(np.int64)[:, :, None]
-        hy = (~np.take_along_axis(kept, np.maximum(row, 0), 1)).astype(np.int64)[:, None, :]
-        taken = self.taken[ls]
-        cap = self.disk_cap[ls][:, None, None]
-        return ((taken[:, self.slot_rank][:, None, :] + hx - hy > cap)
-                | (taken[np.arange(n), hi][:, None, None] - hx + hy > cap))
+        hx = ~np.take_along_axis(kept, rx, 1)  # [n, spr]: x's expert has no live replica
+        hy = (~np.take_along_axis(kept, np.maximum(row, 0), 1)).astype(np.int64)  # [n, P]
+        taken, cap = self.taken[ls], self.disk_cap[ls][:, None]
+        # the disk rule for hx = 0 and hx = 1, per y; then chosen per (i, y)
+        disk = [(taken[:, self.slot_rank] + d - hy > cap) | (taken[r, hi][:, None] - d + hy > cap) | y_side
+                for d in (0, 1)]
+        return x_on | np.where(hx[:, :, None], disk[1][:, None, :], disk[0][:, None, :])
 
     def apply_swap(self, ls: np.ndarray, move: _Move, sel: np.ndarray) -> None:
         x, y = move.a[sel], move.b[sel]
