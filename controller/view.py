@@ -92,7 +92,7 @@ class _Reader:
         key, rev = meta.key.decode("utf-8", "replace"), meta.mod_revision
         out = self.cache.get((key, rev)) if self.cache is not None else None
         if out is None:
-            out = _parse(fn, key, value, rev)
+            out = parse_value(fn, key, value, rev)
         self.used[(key, rev)] = out
         if isinstance(out, MalformedValueError):
             self.report(out)
@@ -113,8 +113,9 @@ class _Reader:
         return rec
 
 
-def _parse(fn: Callable[..., Any], key: str, value: bytes, rev: int) -> Any:
-    """``fn(key, value, rev)``, or the MalformedValueError that says why not."""
+def parse_value(fn: Callable[..., Any], key: str, value: bytes, rev: int) -> Any:
+    """``fn(key, value, rev)``, or the MalformedValueError that says why not (whatever
+    the parser raised): the one step every reader of etcd values goes through."""
     try:
         return fn(key, value, rev)
     except MalformedValueError as e:

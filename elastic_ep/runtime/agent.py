@@ -60,6 +60,7 @@ from controller.records import (
     AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_token, parse_epoch, parse_leader,
 )
 from controller.store import EtcdStore
+from controller.view import parse_value
 
 from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import TransferPlan
@@ -319,10 +320,8 @@ class RankAgent:
         raise self._held_elsewhere(state, rec, holder is not None, registering)
 
     def _parse_own(self, raw: bytes) -> RankRecord | None:
-        try:
-            return RankRecord.parse(self.key, raw)
-        except Exception:  # whatever the key holds, it is not this process's record
-            return None
+        rec = parse_value(RankRecord.parse, self.key, raw, 0)
+        return None if isinstance(rec, MalformedValueError) else rec
 
     def _held_elsewhere(self, state: AgentState, rec: RankRecord | None, exists: bool, registering: bool) -> Exception:
         """The error for a refused record write, naming who holds the key."""
@@ -482,14 +481,10 @@ class RankAgent:
         if cached is not None and cached[0] == rev:
             return cached[1], rev
         key = f"{self.root}/{name}"
-        try:
-            value = parse(key, raw, rev)
-        except MalformedValueError as e:
+        value = parse_value(parse, key, raw, rev)
+        if isinstance(value, MalformedValueError):
+            self._report(name, rev, f"ignoring {key} (revision {rev}): {value}")
             value = None
-            self._report(name, rev, f"ignoring {key} (revision {rev}): {e}")
-        except Exception as e:  # a parser that let something through: still only a bad value
-            value = None
-            self._report(name, rev, f"ignoring {key} (revision {rev}): {type(e).__name__} while parsing: {e!s:.200}")
         self._parsed[name] = (rev, value)
         return value, rev
 
