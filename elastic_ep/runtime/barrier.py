@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 from elastic_ep.errors import TransportError
 
@@ -154,8 +154,10 @@ class StoreBarrier:
     def _key(self, name: str, what: str, i: int | None = None) -> str:
         return f"{self.prefix}/{name}/{what}" + ("" if i is None else f"/{i}")
 
-    def wait(self, name: str, participants: Sequence[int] | None = None) -> list[int]:
-        who = list(range(self.world)) if participants is None else list(participants)
+    def wait(self, name: str) -> list[int]:
+        # Every participant counts on one arrival counter, so the barrier is over all of
+        # them: a subset would need a counter of its own.
+        who = list(range(self.world))
         # done before the counter: a full count then implies every done key is set.
         self.store.set(self._key(name, "done", self.me), b"1")
         arrived = int(self.store.add(self._key(name, "arrived"), 1))
