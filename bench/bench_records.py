@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from controller import plan_chunks  # noqa: E402
 from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_token  # noqa: E402
 from elastic_ep.core.load_stats import zipf_load  # noqa: E402
 from elastic_ep.core.placement import ExpertPlacement  # noqa: E402
@@ -53,13 +54,20 @@ def records() -> dict[str, tuple[str, bytes, Callable[[str, bytes], Any]]]:
     plan = PlanRecord(2, "ctl-a", members, [m for i, m in enumerate(members) if i != 5],
                       build_plan(old, new, mapping, EB, epoch=2), new, "dead [rank-5]")
     rank = RankRecord("rank-3", "10.0.0.7", "cuda:3", "node-0", "active", {"transport": "nixl"}, 4242, "1f0c9a2e")
+    values = plan_chunks.encode(plan)
+    head = plan_chunks.head(plan, values, "0" * 16)
+    part = max((n for n in values if n != plan_chunks.OLD), key=lambda n: len(values[n]))
     return {
         "rank": ("/ep/ranks/rank-3", rank.to_json().encode(), RankRecord.parse),
         "load": ("/ep/load/rank-3", LoadRecord("rank-3", load.tolist(), 2.0, {"ok": 10}, [1, 2]).to_json().encode(),
                  LoadRecord.parse),
         "ack": ("/ep/acks/rank-3", AckRecord(2, members[3], True, {"peer": 10**9, "disk": 0},
                                              {"transfer": 1.5}, mismatched=0).to_json().encode(), AckRecord.parse),
-        "plan": ("/ep/plan", plan.to_json().encode(), PlanRecord.parse),
+        "plan head": ("/ep/plan", head.to_json().encode(), PlanRecord.parse),
+        "plan part": (f"/ep/plans/{part}", values[part],
+                      lambda key, raw: plan_chunks.parse(key, raw, head, part)),
+        "plan old": ("/ep/plans/old", values[plan_chunks.OLD],
+                     lambda key, raw: plan_chunks.parse(key, raw, head, plan_chunks.OLD)),
         "committed": ("/ep/committed", CommitRecord(2, plan.new_members, new).to_json().encode(), CommitRecord.parse),
     }
 
@@ -80,11 +88,11 @@ def main() -> int:
     args = ap.parse_args()
     print(f"DeepSeek-V3 size: {LAYERS} layers x {EXPERTS} experts, {RANKS} ranks x {SLOTS} slots; "
           f"median of {args.repeat}")
-    print(f"{'record':<10}{'bytes':>12}{'json.loads ms':>16}{'validated ms':>15}{'validate_ratio':>16}")
+    print(f"{'record':<12}{'bytes':>12}{'json.loads ms':>16}{'validated ms':>15}{'validate_ratio':>16}")
     for name, (key, raw, parse) in records().items():
         plain = best(lambda: json.loads(raw), args.repeat)
         checked = best(lambda: parse(key, raw), args.repeat)
-        print(f"{name:<10}{len(raw):>12,}{plain * 1e3:>16.2f}{checked * 1e3:>15.2f}{checked / plain:>16.2f}")
+        print(f"{name:<12}{len(raw):>12,}{plain * 1e3:>16.2f}{checked * 1e3:>15.2f}{checked / plain:>16.2f}")
     print(f"{'hostile value':<22}{'bytes':>12}{'refused in ms':>16}")
     for name, (parse, key, raw) in HOSTILE.items():
         def refuse() -> None:

@@ -37,10 +37,12 @@ from elastic_ep.core.policy import get_policy
 
 from controller.decide import Action, DecideConfig, Kind, Memory, ModelShape, decide
 from controller.election import LeaderElection
+from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, call, connect
 from controller.metrics import ControllerMetrics
 from controller.records import AckRecord, CommitRecord, PlanRecord
 from controller.view import ClusterView, ParseCache, read_view
+from controller.watch import KeyWatch
 
 __all__ = ["Controller", "ControllerConfig", "ModelShape"]
 
@@ -100,8 +102,7 @@ class Controller:
         self._reported: dict[str, int] = {}  # key -> mod revision of the bad value last reported
         self._now_bad: dict[str, int] = {}
         self._parsed: ParseCache = {}
-        self._watch_id: Any = None
-        self._watching = False
+        self.watch: KeyWatch | None = None
         self.client: Any = None
         self.election: LeaderElection | None = None
         if client is None:
@@ -115,17 +116,20 @@ class Controller:
     def _attach(self, client: Any) -> None:
         self.client = client
         self.election = LeaderElection(client, f"{self.root}/leader", self.cfg.id, self.cfg.leader_ttl_s)
+        # Only what drives decisions: membership, the plan head, acks and the commit;
+        # not loads (the resync looks at imbalance), nor execution scratch, nor chunks.
+        r = self.root
+        self.watch = KeyWatch(client, self._wake, keys=[f"{r}/{k}" for k in ("plan", "committed", "epoch", "leader")],
+                              prefixes=[f"{r}/ranks/", f"{r}/acks/"])
 
     def _connected(self) -> LeaderElection:
-        """The election, connecting first if etcd was unreachable so far; the watch
-        starts with the first pass of the loop."""
+        """The election, connecting first if etcd was unreachable so far; the watch is
+        (re)armed before each pass reads."""
         if self.election is None:
             self._attach(connect(self.cfg.etcd))
             log.info("controller %s: connected to etcd at %s", self.cfg.id, self.cfg.etcd.endpoint)
-        if not self._watching:
-            self._watching = True
-            self._watch()
-        assert self.election is not None
+        assert self.election is not None and self.watch is not None
+        self.watch.ensure()
         return self.election
 
     # -- reading ---------------------------------------------------------------------
@@ -167,15 +171,19 @@ class Controller:
         raise EpochMovedError(f"epoch {self._epoch}: {what} refused: {epoch_key} moved since it was read (mod revision "
                               f"{epoch_revision} -> {now}); {self.cfg.id} still leads and reads again")
 
-    def publish(self, rec: PlanRecord, epoch_revision: int) -> None:
-        """Write plan ``rec`` and ``epoch = rec.epoch`` in one transaction (so both keys
-        carry one mod revision) iff this controller leads and the epoch key's mod
-        revision is still ``epoch_revision``, as read (0: absent)."""
+    def publish(self, rec: PlanRecord, epoch_revision: int) -> PlanRecord:
+        """Write plan ``rec``'s chunks, then its head and ``epoch = rec.epoch`` in one
+        transaction (so both keys carry one mod revision) iff this controller leads and
+        the epoch key's mod revision is still ``epoch_revision``, as read (0: absent).
+        Returns the head as published."""
+        rec = plan_chunks.write(self.client, self.root, rec)
         tx = self.client.transactions
         self._fenced(epoch_revision, [tx.put(f"{self.root}/epoch", str(rec.epoch)),
                                       tx.put(f"{self.root}/plan", rec.to_json())], f"publish plan epoch {rec.epoch}")
         self.metrics.epoch.set(rec.epoch)
-        log.info("published plan epoch %d (%s): %d -> %d ranks", rec.epoch, rec.reason, len(rec.old_members), len(rec.new_members))
+        log.info("published plan epoch %d (%s): %d -> %d ranks, %d chunks", rec.epoch, rec.reason,
+                 len(rec.old_members), len(rec.new_members), len(rec.chunks))
+        return rec
 
     def commit(self, rec: PlanRecord, acks: dict[str, AckRecord], phases: dict[str, float],
                epoch_revision: int) -> CommitRecord:
@@ -190,8 +198,10 @@ class Controller:
         tx = self.client.transactions
         t0 = time.monotonic()
         self._fenced(epoch_revision, [tx.put(f"{self.root}/committed", c.to_json())], f"commit epoch {rec.epoch}")
-        # The epoch's scratch keys are no longer needed.
+        # The epoch's scratch keys and older plans' chunks are no longer needed (the
+        # committed plan's stay, for tools that check it).
         call(self.client.delete_prefix, "clean store", f"{self.root}/store/")
+        plan_chunks.remove_before(self.client, self.root, rec.epoch)
         for route, n in total.items():
             self.metrics.bytes.labels(route=route).inc(n)
         # detect and plan were observed when the plan went out.
@@ -264,13 +274,6 @@ class Controller:
         return self.cfg.resync_s
 
     # -- the loop --------------------------------------------------------------------
-    def _watch(self) -> None:
-        try:
-            self._watch_id = self.client.add_watch_prefix_callback(self.root + "/", lambda _ev: self._wake.set())
-        except Exception as e:  # the periodic resync still runs
-            log.warning("watch on %s failed (%s); relying on periodic resync", self.root, e)
-            self._watch_id = None
-
     def _pass(self) -> Kind | None:
         """Connect if needed, campaign, and while leading reconcile once: the kind of
         action taken, None as a standby."""
@@ -318,8 +321,6 @@ class Controller:
             except EtcdUnavailableError as e:
                 self.metrics.etcd_errors.inc()
                 log.warning("epoch %d: etcd unavailable, retrying in %.1f s: %s", self._epoch, backoff, e)
-                if self._watch_id is None and self.client is not None:
-                    self._watch()
             except ElasticEPError as e:
                 # A plan that cannot be built now must not kill the controller.
                 self.metrics.pass_errors.inc()

@@ -353,7 +353,7 @@ def _load(view: ClusterView, model: ModelShape) -> np.ndarray:
     rank that is not registered (gone, or never there) is not counted."""
     shape = (model.num_layers, model.num_logical)
     total = np.zeros(shape)
-    for ld in (ld for rid, ld in view.loads.items() if rid in view.ranks):
+    for ld in (ld for rid, ld in view.read_loads().items() if rid in view.ranks):
         arr = np.asarray(ld.load, dtype=np.float64)
         if arr.shape == shape:  # a rank of another model shape: not ours to count
             total += arr

@@ -234,3 +234,14 @@ def read_ranges(client: Any, what: str, prefixes: list[str], keys: list[str]) ->
     ops = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys]
     _, responses = call(client.transaction, what, compare=[], success=ops, failure=[])
     return [list(r) for r in responses]
+
+
+def delete_range(client: Any, what: str, start: str, end: str) -> None:
+    """Delete every key in ``[start, end)`` in one request (the client has only
+    ``delete_prefix``; a range lets the controller drop older epochs' keys and keep
+    the newest)."""
+    def delete() -> Any:
+        request = client._build_delete_request(start, range_end=end.encode())
+        return client.kvstub.DeleteRange(request, client.timeout, credentials=client.call_credentials,
+                                         metadata=client.metadata)
+    call(delete, what)

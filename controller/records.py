@@ -11,9 +11,15 @@ key                          value                                              
 ``store/...``                scratch of plan execution (barriers, endpoints)    ranks        (not read)
 ``leader``                   the leader controller's id (with its lease)        controllers  256 B
 ``epoch``                    the newest published epoch, decimal                leader       24 B
-``plan``                     :class:`PlanRecord`                                leader       16 MiB
-``committed``                :class:`CommitRecord`                              leader       8 MiB
+``plan``                     the head of a :class:`PlanRecord`                  leader       1 MiB
+``plans/<epoch>/<nonce>/..`` the plan's chunks (:mod:`controller.plan_chunks`)  leader       512 KiB
+``committed``                :class:`CommitRecord`                              leader       1 MiB
 ===========================  =================================================  ===========  ==========
+
+Sizes follow the deployment, not the plan: placements are packed
+(:mod:`elastic_ep.core.packed`), and a plan's transfers live in one chunk per
+participant, each read only by its participant. DeepSeek-V3 on 256 ranks x 9 slots:
+head about 140 KB, largest chunk about 100 KB.
 
 ``plan`` and ``epoch`` are written in one transaction, so they always carry the same
 mod revision: a reader accepts a plan only if the two keys' mod revisions are equal and
@@ -33,25 +39,27 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from elastic_ep.errors import ElasticEPError, MalformedValueError
+from elastic_ep.core.packed import pack, unpack
 from elastic_ep.core.placement import MAX_ELEMENTS, MAX_LOGICAL, ExpertPlacement, describe, record_int, record_ints
-from elastic_ep.core.plan import MAX_EPOCH, TransferPlan
-from elastic_ep.core.rank_mapping import MAX_RANKS
+from elastic_ep.core.plan import MAX_EPOCH, MAX_EXPERT_BYTES, TransferPlan
+from elastic_ep.core.rank_mapping import MAX_RANKS, RankMapping
 
 SCHEMA = 1
 STATES = ("joining", "active", "draining")
 
 KiB, MiB = 1 << 10, 1 << 20
 MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "acks": 64 * KiB, "leader": 256, "epoch": 24,
-             "plan": 16 * MiB, "committed": 8 * MiB}
+             "plan": 1 * MiB, "committed": 1 * MiB, "chunk": 512 * KiB}
 """The largest raw value read per key kind: a registration is a few hundred bytes, a
-load window of DeepSeek-V3 (58 x 256 numbers) about 300 KB, a plan for 2048 ranks a few
-MB. A larger value is refused before it is decoded."""
+load window of DeepSeek-V3 (58 x 256 numbers) about 300 KB, a plan head for 320 ranks
+of DeepSeek-V3 under 200 KB. A larger value is refused before it is decoded."""
 MAX_DEPTH = 16
 """The deepest nesting of a value (a plan's transfer sources sit 5 levels down)."""
 INT64_MAX = (1 << 63) - 1
@@ -268,8 +276,14 @@ class _Fields:
 
     def table(self, name: str, hi: float) -> list[list[float]]:
         """``[rows][cols]`` finite numbers in ``0..hi``: rectangular, at most
-        :data:`MAX_ELEMENTS` entries, at most :data:`MAX_LOGICAL` columns."""
+        :data:`MAX_ELEMENTS` entries, at most :data:`MAX_LOGICAL` columns; packed
+        (integers) or a list of lists."""
         v = self._get(name, _REQUIRED)
+        if isinstance(v, dict):
+            arr = unpack(v, f"field {name!r}", MAX_ELEMENTS, self.bad, ndim=2)
+            if arr.shape[1] > MAX_LOGICAL or (arr.size and (arr.min() < 0 or arr.max() > hi)):
+                raise self.bad(f"field {name!r} is {list(arr.shape)} or holds numbers outside 0..{hi:g}")
+            return arr.astype(np.float64).tolist()
         if not isinstance(v, list) or not all(isinstance(row, list) for row in v):
             raise self.bad(f"field {name!r} is {describe(v)}, expected a list of lists of numbers")
         cols = len(v[0]) if v else 0
@@ -354,7 +368,10 @@ class LoadRecord:
     """A rank's expert load window: ``load[layer][logical]`` tokens over ``window_s``
     (``[num_layers][num_logical]``, finite, ``0 .. MAX_LOAD``); ``served``: requests it
     answered so far, ``{"ok": n, "bad": m}`` (bad: a slot whose bytes were wrong, from a
-    rank that checks). Example: ``LoadRecord("r0", [[3.0, 0.0], [1.0, 2.0]], 10.0, {"ok": 7}, [1, 2])``."""
+    rank that checks). Example: ``LoadRecord("r0", [[3.0, 0.0], [1.0, 2.0]], 10.0, {"ok": 7}, [1, 2])``.
+
+    In etcd the window is packed (whole tokens, :mod:`elastic_ep.core.packed`): about
+    a third of its JSON list of lists for DeepSeek-V3."""
 
     id: str
     load: list[list[float]]
@@ -364,7 +381,9 @@ class LoadRecord:
     """Plan epochs this rank has seen, in the order it saw them (must only increase)."""
 
     def to_json(self) -> str:
-        return json.dumps({"schema": SCHEMA, **asdict(self)})
+        tokens = np.clip(np.rint(np.asarray(self.load, dtype=np.float64).reshape(len(self.load), -1)), 0, MAX_LOAD)
+        return json.dumps({"schema": SCHEMA, **asdict(self), "load": pack(tokens.astype(np.int64))},
+                          separators=(",", ":"))
 
     @classmethod
     def parse(cls, key: str, raw: Any, revision: int = 0) -> "LoadRecord":
@@ -376,11 +395,33 @@ class LoadRecord:
 
 
 @dataclass(frozen=True)
+class ChunkRef:
+    """A chunk a plan head names: its ``name`` under the plan's prefix, its ``size`` in
+    bytes and its ``sha256`` (hex). Example: ``ChunkRef("part-3", 5120, "9f2c...")``."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+CHUNK_NAME = re.compile(r"^(old|part-[0-9]{1,5})$")
+HEX = re.compile(r"^[0-9a-f]*$")
+
+
+@dataclass(frozen=True)
 class PlanRecord:
-    """A published plan: ``old_members[r]`` is the member token of old rank ``r``,
-    ``new_members[n]`` that of new rank ``n``; ``bootstrap`` plans (``plan is None``)
-    load every slot from disk. Example: ``PlanRecord(2, "ctl-a", ["r0#a", "r1#b"],
-    ["r0#a"], <TransferPlan epoch 2>, <placement on 1 rank>, "dead ['r1#b'] ...")``."""
+    """A plan: ``old_members[r]`` is the member token of old rank ``r``, ``new_members[n]``
+    that of new rank ``n``; ``placement`` is the new placement. A ``bootstrap`` plan
+    (no ``mapping``) loads every slot from disk.
+
+    The ``plan`` key holds the *head*: every field but ``plan``, with the new
+    placement packed, and ``chunks``, the names, sizes and digests of the bulk written
+    before it under :meth:`prefix` (the old placement, and each participant's
+    transfers). A head read from etcd has ``plan is None``;
+    :mod:`controller.plan_chunks` fills in one participant's part or the whole plan.
+    Example: ``PlanRecord(2, "ctl-a", ["r0#a", "r1#b"], ["r0#a"], <TransferPlan epoch 2>,
+    <placement on 1 rank>, "dead ['r1#b'] ...")``.
+    """
 
     epoch: int
     leader: str
@@ -389,39 +430,86 @@ class PlanRecord:
     plan: TransferPlan | None
     placement: ExpertPlacement
     reason: str = ""
+    mapping: RankMapping | None = None
+    """Old -> new ranks (the plan's, when it is given); None for a bootstrap."""
+    expert_bytes: int = 0
+    nonce: str = ""
+    """Hex that names this head's chunk prefix, so no other writer's chunks collide."""
+    chunks: tuple[ChunkRef, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.plan is not None:
+            object.__setattr__(self, "mapping", self.plan.mapping)
+            object.__setattr__(self, "expert_bytes", self.plan.expert_bytes)
+
+    @property
+    def bootstrap(self) -> bool:
+        return self.mapping is None
+
+    def prefix(self, root: str) -> str:
+        """Where this plan's chunks live: ``<root>/plans/<epoch, 20 digits>/<nonce>/``
+        (zero-padded, so that the chunks of older epochs sort before it)."""
+        return f"{root}/plans/{self.epoch:020d}/{self.nonce}/"
 
     def to_json(self) -> str:
         return json.dumps({
             "schema": SCHEMA, "epoch": self.epoch, "leader": self.leader, "reason": self.reason,
             "old_members": self.old_members, "new_members": self.new_members,
-            "plan": None if self.plan is None else json.loads(self.plan.to_json()),
-            "placement": self.placement.to_dict(),
-        })
+            "mapping": None if self.mapping is None else self.mapping.to_dict(), "expert_bytes": self.expert_bytes,
+            "placement": self.placement.to_dict(), "nonce": self.nonce,
+            "chunks": [[c.name, c.size, c.sha256] for c in self.chunks],
+        }, separators=(",", ":"))
 
     @classmethod
     def parse(cls, key: str, raw: Any, revision: int = 0) -> "PlanRecord":
         f = _record(key, raw, "plan", revision)
-        plan, placement_dict = f.d.get("plan"), f.obj("placement")
+        mapping_dict = f.d.get("mapping")
         try:
-            tp = None if plan is None else TransferPlan.from_dict(plan)
-            placement = ExpertPlacement.from_dict(placement_dict)
+            mapping = None if mapping_dict is None else RankMapping.from_dict(mapping_dict)
+            placement = ExpertPlacement.from_dict(f.obj("placement"))
         except ElasticEPError as e:
             raise f.bad(str(e)) from None
         rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.text("leader"), f.tokens("old_members"), f.tokens("new_members"),
-                  tp, placement, f.text("reason", 4096, ""))
-        if tp is not None and (tp.epoch != rec.epoch or len(rec.old_members) != tp.mapping.old_ep_size
-                               or len(rec.new_members) != tp.mapping.new_ep_size or tp.new != placement):
-            raise f.bad("the transfer plan's epoch, sizes or new placement disagree with the record")
+                  None, placement, f.text("reason", 4096, ""), mapping,
+                  f.integer("expert_bytes", 0 if mapping is None else 1, MAX_EXPERT_BYTES, 0),
+                  f.text("nonce", 32, ""), _chunk_refs(f))
+        if mapping is not None and (len(rec.old_members) != mapping.old_ep_size
+                                    or len(rec.new_members) != mapping.new_ep_size):
+            raise f.bad(f"{len(rec.old_members)} -> {len(rec.new_members)} members for a mapping of "
+                        f"{mapping.old_ep_size} -> {mapping.new_ep_size} ranks")
         if len(rec.new_members) != placement.ep_size:
             raise f.bad(f"{len(rec.new_members)} members for {placement.ep_size} ranks")
+        if not HEX.match(rec.nonce):
+            raise f.bad(f"field 'nonce' is {describe(rec.nonce)}, expected hex digits")
         return rec
 
     def participants(self) -> list[str]:
         """Ids that execute the plan: live old members, then joiners."""
-        if self.plan is None:
+        m = self.mapping
+        if m is None:
             return list(self.new_members)
-        m = self.plan.mapping
         return [self.old_members[r] for r in sorted(m.live_sources)] + self.new_members[m.num_surviving:]
+
+    def chunk(self, name: str) -> ChunkRef | None:
+        """The chunk named ``name``, None when the head names none (nothing to read)."""
+        return next((c for c in self.chunks if c.name == name), None)
+
+
+def _chunk_refs(f: "_Fields") -> tuple[ChunkRef, ...]:
+    v = f.d.get("chunks", [])
+    if not isinstance(v, list) or len(v) > MAX_RANKS + 1:
+        raise f.bad(f"field 'chunks' is {describe(v)}, expected a list of at most {MAX_RANKS + 1} chunks")
+    out = []
+    for c in v:
+        if (not isinstance(c, list) or len(c) != 3 or not isinstance(c[0], str) or not CHUNK_NAME.match(c[0])
+                or type(c[1]) is not int or not 0 <= c[1] <= MAX_BYTES["chunk"]
+                or not isinstance(c[2], str) or len(c[2]) != 64 or not HEX.match(c[2])):
+            raise f.bad(f"field 'chunks' holds {describe(c)}, expected [name, size <= {MAX_BYTES['chunk']}, "
+                        "sha256 hex]")
+        out.append(ChunkRef(c[0], c[1], c[2]))
+    if len({c.name for c in out}) != len(out):
+        raise f.bad("field 'chunks' names a chunk twice")
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from controller.etcd_client import read_ranges
+from controller import plan_chunks
+from controller.etcd_client import call, read_ranges
 from controller.records import (
     AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_id, parse_epoch, parse_leader,
 )
-from elastic_ep.errors import MalformedValueError
+from elastic_ep.errors import ElasticEPError, MalformedValueError
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ClusterView:
 
     ranks: dict[str, RankRecord] = field(default_factory=dict)
     loads: dict[str, LoadRecord] = field(default_factory=dict)
+    """Load windows by rank id, once read: :func:`read_view` leaves them to
+    :meth:`read_loads` (at 256 ranks they are megabytes, needed only to plan)."""
     epoch: int = 0
     plan: PlanRecord | None = None
     committed: CommitRecord | None = None
@@ -47,6 +50,16 @@ class ClusterView:
     epoch_revision: int = 0
     """The ``epoch`` key's mod revision as read (0: absent), whatever its value: every
     fenced write of the leader requires it unchanged."""
+    plan_error: str = ""
+    """Why the plan's chunks could not be read whole, when that was asked and failed."""
+    load_reader: Callable[[], dict[str, LoadRecord]] | None = field(default=None, repr=False, compare=False)
+
+    def read_loads(self) -> dict[str, LoadRecord]:
+        """The load windows: read now (in pages) if this view has not read them yet."""
+        if self.load_reader is not None:
+            reader, self.load_reader = self.load_reader, None
+            self.loads.update(reader())
+        return self.loads
 
     def is_live(self, member: str) -> bool:
         """True while ``member`` (``id#incarnation``) is registered as that incarnation."""
@@ -71,7 +84,9 @@ OnMalformed = Callable[[str, MalformedValueError], None]
 ParseCache = dict[tuple[str, int], Any]
 """(key, mod revision) -> its record, or the MalformedValueError it raised: a value at a
 mod revision never changes, so a reader that keeps the cache parses each value once."""
-_PREFIXES = ("ranks", "load", "acks")
+_PREFIXES = ("ranks", "acks")
+LOAD_PAGE = 8
+"""Load windows per ranged read: 8 DeepSeek-V3 or Kimi-K2 windows stay well under 1 MiB."""
 _KEYS = ("epoch", "plan", "committed", "leader")
 
 
@@ -126,24 +141,26 @@ def parse_value(fn: Callable[..., Any], key: str, value: bytes, rev: int) -> Any
 
 
 def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
-              cache: ParseCache | None = None) -> ClusterView:
+              cache: ParseCache | None = None, whole_plan: bool = False, loads: bool = False) -> ClusterView:
     """Read the deployment's keys under ``root`` at one revision and parse them.
 
     ``on_malformed(key, error)`` is called for each value left out (for logs and
     metrics); ``error.revision`` is the value's mod revision. ``cache``, kept by a
     caller that reads again and again, spares parsing values that did not change (it
     is left holding this read's values). Scratch keys (``store/``) are not read.
+    Load windows are read by :meth:`ClusterView.read_loads` when first asked for (in
+    pages of :data:`LOAD_PAGE`, at the revision of the first page), or now with ``loads``.
+    ``whole_plan``: also read the plan's chunks (every participant's part, for tools
+    that check a plan; the controller and the agents never need them all); a chunk
+    that cannot be read leaves ``view.plan.plan`` None and says why in ``plan_error``.
     Raises only :class:`~elastic_ep.errors.EtcdUnavailableError` (or ``PermissionError``)
     when etcd cannot be read.
     """
-    ranges = read_ranges(client, f"read {root}", [f"{root}/{p}/" for p in _PREFIXES], [f"{root}/{k}" for k in _KEYS])
-    ranks, loads, acks, epoch, plan, committed, leader = ranges
+    ranks, acks, epoch, plan, committed, leader = _read(client, root, cache)
     view = ClusterView()
     r = _Reader(view, on_malformed, cache)
     _read_ranks(r, f"{root}/ranks/", ranks)
-    for value, meta in loads:
-        if (ld := r.owned(LoadRecord.parse, f"{root}/load/", value, meta, lambda x: x.id)) is not None:
-            view.loads[ld.id] = ld
+    view.load_reader = lambda: _read_loads(r, client, f"{root}/load/")
     for value, meta in epoch:
         view.epoch_revision = meta.mod_revision
         view.epoch = r.parse(parse_epoch, value, meta) or 0
@@ -162,7 +179,64 @@ def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
     if cache is not None:
         cache.clear()
         cache.update(r.used)
+    if loads:
+        view.read_loads()
+    if whole_plan and view.plan is not None:
+        try:
+            view.plan = plan_chunks.load_plan(client, root, view.plan)
+        except ElasticEPError as e:
+            view.plan_error = str(e)
     return view
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The metadata of a value this reader parsed before (its parse is in the cache)."""
+
+    key: bytes
+    mod_revision: int
+
+
+def _read(client: Any, root: str, cache: ParseCache | None) -> list[list[tuple[bytes, Any]]]:
+    """ranks, acks, epoch, plan, committed, leader: read in one transaction. The plan
+    head and the commit (the large values) come back only when their mod revisions
+    differ from the ones in ``cache``; otherwise they stand in as :class:`_Kept`."""
+    prefixes, keys = [f"{root}/{p}/" for p in _PREFIXES], [f"{root}/{k}" for k in _KEYS]
+    big = [f"{root}/plan", f"{root}/committed"]
+    revs = [max((rev for k, rev in cache if k == key), default=0) for key in big] if cache else [0, 0]
+    if not all(revs):
+        return read_ranges(client, f"read {root}", prefixes, keys)
+    from etcd3.utils import prefix_range_end, to_bytes
+
+    tx = client.transactions
+    small = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys if k not in big]
+    everything = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys]
+    same, responses = call(client.transaction, f"read {root}", compare=[tx.mod(k) == rev for k, rev in zip(big, revs)],
+                           success=small, failure=everything)
+    got = [list(x) for x in responses]
+    if not same:
+        return got
+    kept = {k: [(b"", _Kept(k.encode(), rev))] for k, rev in zip(big, revs)}
+    rest = iter(got[len(prefixes):])
+    return got[:len(prefixes)] + [kept[k] if k in kept else next(rest) for k in keys]
+
+
+def _read_loads(r: _Reader, client: Any, prefix: str) -> dict[str, LoadRecord]:
+    """Every load window under ``prefix``, :data:`LOAD_PAGE` keys per read, all at the
+    revision of the first read."""
+    from etcd3.utils import prefix_range_end, to_bytes
+
+    out: dict[str, LoadRecord] = {}
+    start, end, revision = to_bytes(prefix), prefix_range_end(to_bytes(prefix)), None
+    while True:
+        resp = call(client.get_range_response, f"read {prefix}", start, end, limit=LOAD_PAGE, revision=revision)
+        revision = revision or resp.header.revision
+        for kv in resp.kvs:
+            if (ld := r.owned(LoadRecord.parse, prefix, kv.value, kv, lambda x: x.id)) is not None:
+                out[ld.id] = ld
+        if not resp.more or not resp.kvs:
+            return out
+        start = resp.kvs[-1].key + b"\0"
 
 
 def _read_ranks(r: _Reader, prefix: str, kvs: list[tuple[bytes, Any]]) -> None:

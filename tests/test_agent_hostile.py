@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from controller.etcd_client import EtcdConfig, connect
+from controller import plan_chunks
 from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord
 from elastic_ep.core.placement import ExpertPlacement, initial_placement
 from elastic_ep.core.plan import build_plan
@@ -66,14 +67,17 @@ class Deployment:
     def get(self, name: str) -> tuple[bytes | None, Any]:
         return self.client.get(self.key(name))
 
-    def publish(self, rec: PlanRecord, fenced: bool = True) -> None:
-        """What the leader's publish writes: ``epoch`` and ``plan`` in one transaction
-        (``fenced``: compared on the leader key naming ``rec.leader``)."""
+    def publish(self, rec: PlanRecord, fenced: bool = True) -> PlanRecord:
+        """What the leader's publish writes: the plan's chunks, then ``epoch`` and the
+        head in one transaction (``fenced``: compared on the leader key naming
+        ``rec.leader``). Returns the head."""
+        rec = plan_chunks.write(self.client, self.root, rec)
         tx = self.client.transactions
         cmp = [tx.value(self.key("leader")) == rec.leader] if fenced else []
         ok, _ = self.client.transaction(compare=cmp, success=[tx.put(self.key("epoch"), str(rec.epoch)),
                                                               tx.put(self.key("plan"), rec.to_json())], failure=[])
         assert ok, f"publish of epoch {rec.epoch} refused"
+        return rec
 
     def commit(self, rec: PlanRecord) -> None:
         """What the leader's commit writes, compared on the leader key."""
@@ -285,6 +289,30 @@ def test_an_old_rank_that_does_not_hold_plan_old_sends_nothing_and_needs_refill(
     assert a.holding is None and a.state is AgentState.FENCED
     assert a.poll_once() == "re-registered" and a.token != token, "it comes back as a new member"
     assert a.holding is None
+
+
+@pytest.mark.parametrize("defect", ["forged", "missing"])
+def test_a_chunk_missing_or_failing_its_digest_fails_the_plan_before_anything_runs(dep, agents, defect):
+    a = make_agent(dep, agents)
+    a.register()
+    boot = _two_rank_start(dep, a)
+    new = ExpertPlacement(boot.placement.phy2log[:, ::-1].copy(), SLOTS, EXPERTS)
+    plan = build_plan(boot.placement, new, RankMapping.build(2), SPEC.expert_bytes, epoch=2)
+    head = dep.publish(PlanRecord(2, LEADER, boot.new_members, boot.new_members, plan, new, "test rebalance"))
+    key = head.prefix(dep.root) + plan_chunks.part_name(0)
+    assert dep.client.get(key)[0] is not None, "rank 0 has a part"
+    if defect == "forged":  # same size, other bytes: what a writer without the fence could put there
+        raw = bytearray(dep.client.get(key)[0])
+        raw[-3] ^= 1
+        dep.client.put(key, bytes(raw))
+    else:
+        dep.client.delete(key)
+    assert a.poll_once() == "failed"
+    assert a.recorder.executed == [], "nothing of the plan may run"
+    ack = dep.ack("r0", 2)
+    want = "not the leader's chunk" if defect == "forged" else "is missing"
+    assert ack is not None and not ack.ok and want in ack.error, ack
+    assert a.holding is None and a.state is AgentState.FENCED
 
 
 def test_an_old_rank_that_holds_plan_old_executes(dep, agents):

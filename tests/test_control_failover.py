@@ -68,7 +68,7 @@ class Cluster:
         return None if v is None else CommitRecord.parse("committed", v)
 
     def check(self, c: CommitRecord) -> None:
-        v = read_view(connect(self.cfg), self.cfg.root)
+        v = read_view(connect(self.cfg), self.cfg.root, whole_plan=True, loads=True)
         assert v.committed is not None and v.committed.epoch == c.epoch, (v.committed, c.epoch)
         require(check_commit(v))
 

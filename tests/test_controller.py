@@ -19,6 +19,7 @@ from controller.decide import Kind
 from controller.etcd_client import EtcdConfig, connect
 from elastic_ep.tools.etcd_server import EtcdServer, free_port
 from elastic_ep.tools.invariants import check_commit, require
+from controller import plan_chunks
 from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord, member_id
 from controller.store import EtcdStore
 from controller.view import read_view
@@ -113,7 +114,7 @@ def cluster(etcd, ckpt):
 
 def _check_invariants(client, root, c: CommitRecord) -> None:
     """The invariants of docs/DESIGN.md on the deployment as committed at ``c``."""
-    v = read_view(client, root)
+    v = read_view(client, root, whole_plan=True, loads=True)
     assert v.committed is not None and v.committed.epoch == c.epoch, (v.committed, c.epoch)
     require(check_commit(v))
 
@@ -130,7 +131,7 @@ def test_bootstrap_then_sigkill_recovers(cluster):
     assert len(c2.members) == 2 and all(not m.startswith(victim + "#") for m in c2.members)
     _check_invariants(client, root, c2)
     # Experts only on the victim came from disk; everything else from peers or locally.
-    plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
+    plan = plan_chunks.load_plan(client, root, PlanRecord.parse("plan", client.get(f"{root}/plan")[0]))
     missing = sum(len(m) for m in plan.plan.missing)
     assert c2.bytes.get("disk", 0) >= missing * SPEC.expert_bytes
     assert {"detect", "plan", "transfer"} <= set(c2.phases)
@@ -257,7 +258,7 @@ def test_imbalance_triggers_rebalance_without_membership_change(etcd, ckpt):
         # arrive within load_period_s and push balance below 0.99.
         c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 60, "rebalance commit")
         plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
-        assert plan.plan.mapping.is_identity and "imbalance" in plan.reason
+        assert plan.mapping.is_identity and "imbalance" in plan.reason
         assert c2.members == c1.members
         _check_invariants(client, root, c2)
     finally:
@@ -469,7 +470,7 @@ def test_mismatched_ack_is_never_committed(etcd):
         _register(client, root, "r2", inc="b", state="joining")  # it fenced itself and registered again
         a = ctl.step()
         assert a.kind is Kind.PUBLISH and a.dead == ("r2#a",) and _committed(client, root) is None
-        plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
+        plan = plan_chunks.load_plan(client, root, PlanRecord.parse("plan", client.get(f"{root}/plan")[0]))
         assert plan.plan.mapping.dead == {2} and plan.new_members[-1] == "r2#b"
         assert all(s.rank != 2 for t in plan.plan.transfers for s in t.sources)
     finally:

@@ -248,6 +248,7 @@ def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
     as a process configured by the environment. Bootstrap, then a load-driven rebalance
     that keeps the rank count: the engine's maps keep their storage, say the committed
     placement, and every slot is bit-exact."""
+    from controller import plan_chunks
     from controller.records import AckRecord, CommitRecord, PlanRecord
 
     spec = BF16
@@ -275,7 +276,7 @@ def test_committed_placement_rewrites_an_engines_maps_in_place(ckpts, tmp_path):
         def rebalance_published():
             v, _ = client.get(f"{root}/plan")
             p = PlanRecord.parse("plan", v)
-            return p if p.epoch > c1.epoch else None
+            return plan_chunks.load_plan(client, root, p) if p.epoch > c1.epoch else None
 
         p2 = _wait(rebalance_published, 30, "a rebalance plan")
         print(f"rebalance published after {time.monotonic() - t0:.1f} s")

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from elastic_ep.core.packed import pack, unpack
 from elastic_ep.errors import PlacementError
 
 
@@ -175,22 +176,27 @@ class ExpertPlacement:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "slots_per_rank": self.slots_per_rank,
-            "num_logical": self.num_logical,
-            "phy2log": self.phy2log.tolist(),
-        }
+        """The record form: ``phy2log`` packed (:mod:`elastic_ep.core.packed`), about a
+        fifth of a JSON list of lists."""
+        return {"slots_per_rank": self.slots_per_rank, "num_logical": self.num_logical, "phy2log": pack(self.phy2log)}
 
     @classmethod
     def from_dict(cls, d: Any) -> "ExpertPlacement":
-        """The placement of a record (``to_dict``'s shape), validated. Anything else, a
-        hostile value included, raises :class:`PlacementError` before an array is built."""
+        """The placement of a record (``to_dict``'s shape; ``phy2log`` packed or a list of
+        lists), validated. Anything else, a hostile value included, raises
+        :class:`PlacementError` before an array is built."""
         if not isinstance(d, dict) or not {"phy2log", "slots_per_rank", "num_logical"} <= d.keys():
             raise PlacementError(f"placement record is malformed ({describe(d)}); expected keys phy2log, "
                                  "slots_per_rank, num_logical")
         slots = record_int(d["slots_per_rank"], "placement slots_per_rank", 1, MAX_SLOTS_PER_RANK)
         logical = record_int(d["num_logical"], "placement num_logical", 1, MAX_LOGICAL)
-        phy2log = record_matrix(d["phy2log"], "placement phy2log", 0, logical - 1)
+        raw = d["phy2log"]
+        if isinstance(raw, dict):
+            phy2log = unpack(raw, "placement phy2log", MAX_ELEMENTS, ndim=2)
+            if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= logical):
+                raise PlacementError(f"placement phy2log holds ids outside 0..{logical - 1}")
+        else:
+            phy2log = record_matrix(raw, "placement phy2log", 0, logical - 1)
         placement = cls(phy2log, slots, logical)
         placement.validate()
         return placement

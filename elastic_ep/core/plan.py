@@ -84,6 +84,10 @@ class TransferPlan:
         expert_bytes: bytes of one expert (every tensor of it, scales included).
         transfers: sorted by ``(layer, dst_rank, dst_slot)``.
         missing: per layer, the logical experts with no live replica (disk only).
+        part: ``(old_rank, new_rank)`` when this is one participant's part of a plan
+            (:meth:`part_of`): its receives (``new_rank``, None for a draining rank) and
+            the reads planned from it (``old_rank``, None for a joiner); None: the
+            whole plan.
     """
 
     epoch: int
@@ -93,6 +97,7 @@ class TransferPlan:
     expert_bytes: int
     transfers: tuple[Transfer, ...]
     missing: tuple[tuple[int, ...], ...]
+    part: tuple[int | None, int | None] | None = None
     _by_layer: dict[int, list[Transfer]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +119,25 @@ class TransferPlan:
         """Transfers whose planned source is ``old_rank`` over the network."""
         ts = self.transfers if layer is None else self.layer_transfers(layer)
         return [t for t in ts if t.route == "peer" and t.sources[0].rank == old_rank]
+
+    def part_of(self, old_rank: int | None, new_rank: int | None) -> "TransferPlan":
+        """One participant's part: the transfers it receives (as new rank ``new_rank``)
+        and those whose planned source it is (as old rank ``old_rank``), each once."""
+        ts = [t for t in self.transfers
+              if t.dst_rank == new_rank or (t.route == "peer" and t.sources[0].rank == old_rank)]
+        return self.with_transfers(tuple(ts), (old_rank, new_rank))
+
+    def with_transfers(self, transfers: tuple[Transfer, ...], part: tuple[int | None, int | None] | None
+                       ) -> "TransferPlan":
+        """This plan's epoch, mapping and placements with ``transfers`` (sorted by layer,
+        destination and slot); ``missing`` recounted from them (disk-only transfers)."""
+        ts = tuple(sorted(transfers, key=lambda t: (t.layer, t.dst_rank, t.dst_slot)))
+        missing: list[set[int]] = [set() for _ in range(self.new.num_layers)]
+        for t in ts:
+            if len(t.sources) == 1:
+                missing[t.layer].add(t.logical)
+        return TransferPlan(self.epoch, self.mapping, self.old, self.new, self.expert_bytes, ts,
+                            tuple(tuple(sorted(m)) for m in missing), part)
 
     # -- summary -----------------------------------------------------------------------
     def bytes_by_route(self) -> dict[str, int]:
@@ -184,9 +208,27 @@ class TransferPlan:
                 if s.route != want:
                     raise PlanError(f"{where}: source rank {s.rank} has route {s.route}, expected {want}")
             state[t.layer, t.dst_rank * spr + t.dst_slot] = t.logical
+        if self.part is not None:
+            self._validate_part(state)
+            return
         if not np.array_equal(state, new.phy2log):
             layer = int(np.flatnonzero((state != new.phy2log).any(axis=1))[0])
             raise PlanError(f"layer {layer}: applying the transfers does not give the new placement")
+
+    def _validate_part(self, state: np.ndarray) -> None:
+        """A part holds only its participant's transfers, and its receives turn that
+        rank's carried slots into its slots of the new placement."""
+        assert self.part is not None
+        old_rank, new_rank = self.part
+        for t in self.transfers:
+            if t.dst_rank != new_rank and not (t.route == "peer" and t.sources[0].rank == old_rank):
+                raise PlanError(f"transfer layer {t.layer} -> rank {t.dst_rank} slot {t.dst_slot} is not part of "
+                                f"old rank {old_rank} / new rank {new_rank}'s plan")
+        if new_rank is not None:
+            spr = self.new.slots_per_rank
+            cols = slice(new_rank * spr, (new_rank + 1) * spr)
+            if not np.array_equal(state[:, cols], self.new.phy2log[:, cols]):
+                raise PlanError(f"new rank {new_rank}: applying its transfers does not give its new slots")
 
     # -- serialisation -----------------------------------------------------------------
     def to_json(self) -> str:
@@ -292,6 +334,32 @@ def _route(src_rank: int, dst_old_rank: int) -> Route:
     if src_rank == DISK:
         return "disk"
     return "local" if src_rank == dst_old_rank else "peer"
+
+
+PAD = -2
+"""Fills a row of :func:`transfer_rows` past its transfer's sources."""
+
+
+def transfer_rows(transfers: Sequence[Transfer]) -> np.ndarray:
+    """``[n, 4 + 2 k]`` ints, one row per transfer: layer, dst_rank, dst_slot, logical,
+    then (rank, slot) of each source, :data:`PAD`-filled to the most sources ``k``."""
+    k = max((len(t.sources) for t in transfers), default=1)
+    out = np.full((len(transfers), 4 + 2 * k), PAD, dtype=np.int64)
+    for i, t in enumerate(transfers):
+        out[i, :4] = (t.layer, t.dst_rank, t.dst_slot, t.logical)
+        for j, s in enumerate(t.sources):
+            out[i, 4 + 2 * j: 6 + 2 * j] = (s.rank, s.slot)
+    return out
+
+
+def transfers_from_rows(rows: np.ndarray, mapping: RankMapping, new: ExpertPlacement) -> tuple[Transfer, ...]:
+    """The transfers of :func:`transfer_rows`'s array, each field range-checked
+    (:class:`PlanError` names the row and the field)."""
+    if rows.ndim != 2 or (rows.size and (rows.shape[1] < 6 or rows.shape[1] % 2)):
+        raise PlanError(f"transfer rows are shaped {list(rows.shape)}, expected [n, 4 + 2 * sources]")
+    as_lists = [[r[0], r[1], r[2], r[3], [[a, b] for a, b in zip(r[4::2], r[5::2]) if (a, b) != (PAD, PAD)]]
+                for r in rows.tolist()]
+    return _read_transfers(as_lists, mapping, new)
 
 
 def build_plan(

@@ -55,11 +55,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, call, connect, read_ranges
 from controller.records import (
     AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_token, parse_epoch, parse_leader,
 )
 from controller.store import EtcdStore
+from controller.watch import KeyWatch
 from controller.view import parse_value
 
 from elastic_ep.core.placement import ExpertPlacement
@@ -124,6 +126,10 @@ class AgentConfig:
     device: str = "cpu"
     lease_ttl_s: int = 3
     poll_s: float = 0.05
+    """The wait between passes while not a member (registering, backing off)."""
+    resync_s: float = 1.0
+    """A member waits on etcd watches of the keys it acts on (plan, committed, leader,
+    its own registration); with no event it reads them again after this long."""
     endpoint: dict[str, Any] = field(default_factory=dict)
     load_period_s: float = 2.0
     """How often the load window is published (when the agent has a load source)."""
@@ -165,6 +171,14 @@ class _Retry:
         """Forget the failures of ``kinds`` (all when none given): a success ends the run."""
         for k in kinds or list(self.counts):
             self.counts.pop(k, None)
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """The revisions of a value kept from an earlier read."""
+
+    mod_revision: int
+    create_revision: int
 
 
 Read = dict[str, tuple[bytes, int, int] | None]
@@ -244,6 +258,10 @@ class RankAgent:
         self.served: dict[str, int] = {"ok": 0, "bad": 0}
         self._retry = _Retry(cfg.retry_s, cfg.retry_max_s)
         self._parsed: dict[str, tuple[int, Any]] = {}  # key name -> (mod revision, parsed value)
+        self._last_read: Read | None = None
+        self._wake = threading.Event()
+        self.watch = KeyWatch(self.client, self._wake,
+                              keys=[f"{self.root}/{n}" for n in ("plan", "committed", "leader")] + [self.key])
         self._reported: dict[str, int] = {}  # key name -> the revision last logged as bad
 
     @property
@@ -403,6 +421,7 @@ class RankAgent:
                 if lease is self.lease:
                     log.warning("rank %s epoch %d: %s; fencing this rank", self.token, self.last_epoch, why)
                     self.fenced.set()
+                    self._wake.set()
             return
 
     def _stop_serving(self, why: str) -> None:
@@ -455,14 +474,31 @@ class RankAgent:
         """Ask to leave: the controller plans a scale-down in which this rank still
         sends; once it is committed the agent deletes its key and stops."""
         self._transition(AgentState.DRAINING, "drain requested")
+        self._wake.set()
 
     # -- reading ---------------------------------------------------------------------
     def _read(self) -> Read:
-        """The keys one pass acts on, in one transaction (one revision)."""
+        """The keys one pass acts on, in one transaction (one revision). When plan,
+        epoch, leader and committed kept the mod revisions of the last read, only the
+        rank's own key comes back (an idle pass moves a few hundred bytes, not the plan
+        head and commit)."""
         names = ("plan", "epoch", "leader", "committed", f"ranks/{self.cfg.id}")
-        got = read_ranges(self.client, f"read {self.root}", [], [f"{self.root}/{n}" for n in names])
-        return {n: (kvs[0][0], kvs[0][1].mod_revision, kvs[0][1].create_revision) if kvs else None
+        keys = [f"{self.root}/{n}" for n in names]
+        last = self._last_read
+        if last is None:
+            got = read_ranges(self.client, f"read {self.root}", [], keys)
+        else:
+            tx = self.client.transactions
+            same = [tx.mod(k) == (last[n][1] if last[n] is not None else 0) for n, k in zip(names[:4], keys[:4])]
+            unchanged, responses = call(self.client.transaction, f"read {self.root}", compare=same,
+                                        success=[tx.get(keys[4])], failure=[tx.get(k) for k in keys])
+            got = [list(r) for r in responses]
+            if unchanged:
+                got = [[(v[0], _Meta(v[1], v[2]))] if v is not None else [] for v in (last[n] for n in names[:4])] + got
+        read = {n: (kvs[0][0], kvs[0][1].mod_revision, kvs[0][1].create_revision) if kvs else None
                 for n, kvs in zip(names, got)}
+        self._last_read = read
+        return read
 
     def _report(self, name: str, rev: int, message: str) -> None:
         """Log ``message`` about ``<root>/<name>`` once per revision of that key."""
@@ -602,11 +638,17 @@ class RankAgent:
         t0 = time.perf_counter()
         new_rank = rec.new_members.index(self.token) if self.token in rec.new_members else None
         try:
-            if rec.plan is None:
+            if rec.bootstrap:
                 loaded = self.load_initial(rec.placement, new_rank) or 0  # type: ignore[arg-type]
                 moved, phases = {"disk": int(loaded)}, {"load": time.perf_counter() - t0}
             else:
-                moved, phases = self._transfer(rec, rec.plan, new_rank)
+                # Only this rank's part is read; a chunk that is missing or fails its
+                # digest fails the plan here, before a byte is written.
+                part = plan_chunks.load_part(self.client, self.root, rec, self.token).plan
+                assert part is not None
+                read_s = time.perf_counter() - t0
+                moved, phases = self._transfer(rec, part, new_rank)
+                phases["read_plan"] = read_s
             mismatched = -1
             if self.verify is not None and new_rank is not None:
                 mismatched = self.verify(rec.placement, new_rank)
@@ -702,10 +744,12 @@ class RankAgent:
         backoff = 0.1
         while not stop.is_set() and not self._stop.is_set():
             try:
+                if self.state in _MEMBER_STATES:
+                    self.watch.ensure()  # before the read: a change after it wakes the next pass
                 self.poll_once()
                 self.publish_load()
                 backoff = 0.1
-                stop.wait(self.cfg.poll_s)
+                self._idle(stop)
                 continue
             except CheckpointError:
                 if self.state is AgentState.NEW:
@@ -717,6 +761,23 @@ class RankAgent:
                 log.exception("rank %s epoch %d: agent pass failed; retrying", self.token, self.last_epoch)
             stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
+        self.watch.close()
+
+    def _idle(self, stop: threading.Event) -> None:
+        """Wait for the next pass: a member until a watched key changes, its lease needs
+        a look, its load window is due, or ``resync_s``; otherwise ``poll_s``."""
+        if self.state not in _MEMBER_STATES:
+            stop.wait(self.cfg.poll_s)
+            return
+        now = time.monotonic()
+        wait = min(self.cfg.resync_s, max(self._lease_until - now, 0.0) + 0.01)
+        if self.load_window is not None:
+            wait = min(wait, max(self._load_at + self.cfg.load_period_s - now, 0.0))
+        if not self.watch.armed:
+            wait = min(wait, self.cfg.poll_s * 4)
+        self._wake.wait(max(wait, 0.001))
+        self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()

@@ -207,7 +207,7 @@ class ChaosCluster:
         raises anything but an etcd error is itself a failure: every controller and
         ``elastic-ep status`` share it."""
         try:
-            return read_view(self._client(), self.cfg.root)
+            return read_view(self._client(), self.cfg.root, whole_plan=True, loads=True)
         except ElasticEPError:
             raise
         except Exception as e:

@@ -133,7 +133,7 @@ class Demo:
 
     # -- reading etcd --------------------------------------------------------------------
     def _view(self) -> ClusterView:
-        return read_view(self.client, self.cfg.root)
+        return read_view(self.client, self.cfg.root, whole_plan=True, loads=True)
 
     def _wait(self, pred: Any, timeout: float, what: str) -> Any:
         v = wait_for(pred, timeout, 0.02)

@@ -4,7 +4,7 @@ the tests assert them; all three call :func:`check_commit`.
 
 Example::
 
-    view = read_view(client, root)
+    view = read_view(client, root, whole_plan=True, loads=True)
     checks = check_commit(view, exact_disk=True)
     require(checks)          # raises InvariantError naming the first broken one
 """
@@ -59,6 +59,10 @@ def check_commit(view: ClusterView, exact_disk: bool = False, epochs_seen: list[
     add(*_valid("every logical expert has a replica; every rank holds slots_per_rank slots", c.placement.validate))
     p = view.plan
     plan = p.plan if p is not None and p.epoch == c.epoch else None
+    if p is not None and p.epoch == c.epoch and not p.bootstrap:
+        add("the committed plan's chunks were read whole", plan is not None,
+            "" if plan is not None else f"read the view with whole_plan=True; {view.plan_error or 'not read'}")
+        add("the committed placement is the plan's", c.placement == p.placement and c.members == p.new_members)
     if plan is not None:
         add(*_valid("no transfer reads from a dead rank; disk only for experts with no live replica", plan.validate))
         moved = slots_moved_inside_ranks(plan)
