@@ -344,12 +344,10 @@ def transfer_rows(transfers: Sequence[Transfer]) -> np.ndarray:
     """``[n, 4 + 2 k]`` ints, one row per transfer: layer, dst_rank, dst_slot, logical,
     then (rank, slot) of each source, :data:`PAD`-filled to the most sources ``k``."""
     k = max((len(t.sources) for t in transfers), default=1)
-    out = np.full((len(transfers), 4 + 2 * k), PAD, dtype=np.int64)
-    for i, t in enumerate(transfers):
-        out[i, :4] = (t.layer, t.dst_rank, t.dst_slot, t.logical)
-        for j, s in enumerate(t.sources):
-            out[i, 4 + 2 * j: 6 + 2 * j] = (s.rank, s.slot)
-    return out
+    pad = [PAD, PAD] * k
+    rows = [[t.layer, t.dst_rank, t.dst_slot, t.logical, *[x for s in t.sources for x in (s.rank, s.slot)],
+             *pad[2 * len(t.sources):]] for t in transfers]
+    return np.array(rows, dtype=np.int64).reshape(len(transfers), 4 + 2 * k)
 
 
 def transfers_from_rows(rows: np.ndarray, mapping: RankMapping, new: ExpertPlacement) -> tuple[Transfer, ...]:
@@ -412,18 +410,22 @@ def build_plan(
         (nodes[o] if o >= 0 else nodes[mapping.old_ep_size + r - mapping.num_surviving]) if nodes else None
         for r, o in enumerate(new_to_old)
     ]
-    sent = defaultdict(int)
+    sent = [0] * mapping.old_ep_size
+    on_other_node = [[nodes is not None and nodes[r] != dst_node[d] for r in range(mapping.old_ep_size)]
+                     for d in range(mapping.new_ep_size)] if nodes is not None else None
+    sources: dict[tuple[int, int, str], Source] = {}  # one shared object per distinct source
+    disk = Source(DISK, -1, "disk")
     transfers: list[Transfer] = []
     missing: list[tuple[int, ...]] = []
     for layer in range(old.num_layers):
-        old_row, new_row = old.phy2log[layer], new.phy2log[layer]
+        old_row, new_row = old.phy2log[layer].tolist(), new.phy2log[layer].tolist()
         # holder[e][rank] = first local slot of logical e on a live old rank
         holder: dict[int, dict[int, int]] = defaultdict(dict)
         for r in live:
-            for i, e in enumerate(old_row[r * spr : (r + 1) * spr].tolist()):
+            for i, e in enumerate(old_row[r * spr : (r + 1) * spr]):
                 holder[e].setdefault(r, i)
         layer_missing = set()
-        for s, e in enumerate(new_row.tolist()):
+        for s, e in enumerate(new_row):
             dst, i = divmod(s, spr)
             o = new_to_old[dst]
             if o >= 0 and old_row[o * spr + i] == e:
@@ -431,17 +433,17 @@ def build_plan(
             have = holder.get(e, {})
             srcs: list[Source] = []
             if o in have:
-                srcs.append(Source(o, have[o], "local"))
-            peers = sorted(
-                (r for r in have if r != o),
-                key=lambda r: (nodes is not None and nodes[r] != dst_node[dst], sent[r], r),
-            )[:max_peer_sources]
-            if peers and not srcs:
-                sent[peers[0]] += expert_bytes
-            srcs.extend(Source(r, have[r], "peer") for r in peers)
+                srcs.append(sources.setdefault((o, have[o], "local"), Source(o, have[o], "local")))
+            far = on_other_node[dst] if on_other_node is not None else None
+            ranked = sorted(((far[r] if far else False, sent[r], r) for r in have if r != o))[:max_peer_sources]
+            if ranked and not srcs:
+                sent[ranked[0][2]] += expert_bytes
+            for _, _, r in ranked:
+                key = (r, have[r], "peer")
+                srcs.append(sources.get(key) or sources.setdefault(key, Source(r, have[r], "peer")))
             if not srcs:
                 layer_missing.add(e)
-            srcs.append(Source(DISK, -1, "disk"))
+            srcs.append(disk)
             transfers.append(Transfer(layer, dst, i, e, tuple(srcs)))
         missing.append(tuple(sorted(layer_missing)))
     return TransferPlan(epoch, mapping, old, new, expert_bytes, tuple(transfers), tuple(missing))
