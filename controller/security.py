@@ -6,7 +6,7 @@ The key layout under ``root = <prefix>/<deployment>`` and who writes it::
     <root>/load/<id>               rank <id> (its expert load window)
     <root>/acks/<id>               rank <id> (its ack of the newest plan, epoch inside)
     <root>/store/...               every rank (barrier keys, heartbeats, endpoints)
-    <root>/leader, epoch, plan, committed, election...   controllers only
+    <root>/leader, epoch, plan, plans/..., committed    controllers only
 
 :func:`auth_layout` turns that into etcd roles and users (a pure function, so a test
 and the operator doc can read it); :func:`setup_auth` applies it through etcd's v3
