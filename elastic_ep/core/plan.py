@@ -351,13 +351,44 @@ def transfer_rows(transfers: Sequence[Transfer]) -> np.ndarray:
 
 
 def transfers_from_rows(rows: np.ndarray, mapping: RankMapping, new: ExpertPlacement) -> tuple[Transfer, ...]:
-    """The transfers of :func:`transfer_rows`'s array, each field range-checked
-    (:class:`PlanError` names the row and the field)."""
+    """The transfers of :func:`transfer_rows`'s array, every field range-checked on the
+    whole array at once (:class:`PlanError` names the first bad row and the field)."""
     if rows.ndim != 2 or (rows.size and (rows.shape[1] < 6 or rows.shape[1] % 2)):
         raise PlanError(f"transfer rows are shaped {list(rows.shape)}, expected [n, 4 + 2 * sources]")
-    as_lists = [[r[0], r[1], r[2], r[3], [[a, b] for a, b in zip(r[4::2], r[5::2]) if (a, b) != (PAD, PAD)]]
-                for r in rows.tolist()]
-    return _read_transfers(as_lists, mapping, new)
+    if len(rows) > new.num_layers * new.num_physical:
+        raise PlanError(f"{len(rows)} transfer rows, more than one per new slot ({new.num_layers * new.num_physical})")
+    if not rows.size:
+        return ()
+    spr = new.slots_per_rank
+    src, slot = rows[:, 4::2], rows[:, 5::2]
+    pad = (src == PAD) & (slot == PAD)
+    real = ~pad
+    checks = [
+        ("layer", (rows[:, 0] < 0) | (rows[:, 0] >= new.num_layers)),
+        ("dst_rank", (rows[:, 1] < 0) | (rows[:, 1] >= mapping.new_ep_size)),
+        ("dst_slot", (rows[:, 2] < 0) | (rows[:, 2] >= spr)),
+        ("logical", (rows[:, 3] < 0) | (rows[:, 3] >= new.num_logical)),
+        ("source rank", (real & ((src < DISK) | (src >= mapping.old_ep_size))).any(axis=1)),
+        ("source slot", (real & np.where(src == DISK, slot != -1, (slot < 0) | (slot >= spr))).any(axis=1)),
+        ("sources (a gap before the last)", (pad[:, :-1] & real[:, 1:]).any(axis=1) | pad[:, 0]),
+    ]
+    for field_name, bad in checks:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise PlanError(f"plan transfer {i}: {field_name} out of range in row {rows[i].tolist()}")
+    new_to_old = mapping.new_to_old()
+    cache: dict[tuple[int, int, int], Source] = {}
+    out = []
+    for r in rows.tolist():
+        dst_old = new_to_old[r[1]]
+        srcs = []
+        for a, b in zip(r[4::2], r[5::2]):
+            if a == PAD:
+                break
+            key = (a, b, dst_old)
+            srcs.append(cache.get(key) or cache.setdefault(key, Source(a, b, _route(a, dst_old))))
+        out.append(Transfer(r[0], r[1], r[2], r[3], tuple(srcs)))
+    return tuple(out)
 
 
 def build_plan(

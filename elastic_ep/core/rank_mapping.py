@@ -9,6 +9,7 @@ neither a destination nor a source.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable
 
 import numpy as np
@@ -75,7 +76,7 @@ class RankMapping:
     def old_ep_size(self) -> int:
         return len(self.old_to_new)
 
-    @property
+    @cached_property  # read once per transfer when a plan is checked: count once
     def num_surviving(self) -> int:
         return sum(1 for x in self.old_to_new if x >= 0)
 
@@ -83,7 +84,7 @@ class RankMapping:
     def new_ep_size(self) -> int:
         return self.num_surviving + self.num_joining
 
-    @property
+    @cached_property
     def live_sources(self) -> frozenset[int]:
         """Old ranks that may send during the transfer: everyone but the dead."""
         return frozenset(r for r in range(self.old_ep_size) if r not in self.dead)

@@ -127,7 +127,7 @@ class AgentConfig:
     lease_ttl_s: int = 3
     poll_s: float = 0.05
     """The wait between passes while not a member (registering, backing off)."""
-    resync_s: float = 1.0
+    resync_s: float = 2.0
     """A member waits on etcd watches of the keys it acts on (plan, committed, leader,
     its own registration); with no event it reads them again after this long."""
     endpoint: dict[str, Any] = field(default_factory=dict)
@@ -684,7 +684,9 @@ class RankAgent:
         want = plan.old.rank_slots(old_rank)
         held = self.holding
         got = None if held is None else held[0].rank_slots(held[1])
-        if got is None:
+        if got is None and self._holding is not None:
+            what = "slots it may no longer serve: its lease was not refreshed within its TTL"
+        elif got is None:
             what = "no placement (fenced, or never filled)"
         elif got.shape != want.shape:
             what = f"slots shaped {list(got.shape)}, not the plan's {list(want.shape)}"

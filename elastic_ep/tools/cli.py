@@ -499,6 +499,41 @@ def add_demo_command(sub: Any) -> None:
     d.set_defaults(func=cmd_demo)
 
 
+def cmd_simulate_ranks(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from elastic_ep.tools.simulate import SimShape, serve
+
+    _logging(args.verbose)
+    shape = SimShape(args.layers, args.experts, args.slots, args.expert_bytes)
+    cfg = dataclasses.replace(etcd_config(args), timeout_s=args.etcd_timeout)
+    return serve(cfg, shape, args.count, _stop_on_signals(), start_index=args.start_index,
+                 node_size=args.node_size, lease_ttl_s=args.lease_ttl, ranks_per_client=args.ranks_per_client,
+                 commands=sys.stdin if args.stdin_commands else None)
+
+
+def add_simulate_command(sub: Any) -> None:
+    s = sub.add_parser("simulate-ranks", help="host many simulated ranks in one process (real agent protocol, "
+                                              "no weights) for scale tests; runs until SIGINT/SIGTERM")
+    add_etcd_args(s)
+    s.add_argument("--count", type=POSITIVE, required=True, help="ranks to host: sim-<start-index> ...")
+    s.add_argument("--start-index", type=COUNT, default=0, help="number of the first rank id")
+    s.add_argument("--node-size", type=POSITIVE, default=8, help="ranks per node label node-<index // size>")
+    s.add_argument("--layers", type=POSITIVE, default=58, help="MoE layers (as the controller's)")
+    s.add_argument("--experts", type=POSITIVE, default=256, help="logical experts per layer (as the controller's)")
+    s.add_argument("--slots", type=POSITIVE, required=True, help="slots per rank (as the controller's)")
+    s.add_argument("--expert-bytes", type=POSITIVE, default=DSV3_EXPERT_BYTES, help="bytes of one expert")
+    s.add_argument("--lease-ttl", type=POSITIVE, default=3, help="seconds of each rank's lease")
+    s.add_argument("--etcd-timeout", type=float_in(0, above=True), default=EtcdConfig.timeout_s,
+                   help="seconds one etcd call may take (raise it when hundreds of ranks share a few cores)")
+    s.add_argument("--ranks-per-client", type=COUNT, default=0,
+                   help="ranks sharing one etcd connection (0: all); calls on one connection take turns")
+    s.add_argument("--stdin-commands", action="store_true",
+                   help="read control lines from stdin: 'kill ID [ID ...]' (stop and revoke), 'start N'")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_simulate_ranks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="elastic-ep", description="Elastic expert parallelism for MoE serving: "
                                 "plan a membership change, run a controller or a rank, inspect a model, demo.")
@@ -547,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_control_commands(sub)
     add_demo_command(sub)
+    add_simulate_command(sub)
     return p
 
 
