@@ -13,10 +13,11 @@ Prints, all measured in this run:
   without a surviving replica), averaged over several failed ranks;
 - min_migration's trade-off between extra moves and balance (its move budget per
   layer and the least gain a move must bring);
-- scale: both policies' seconds at DeepSeek-V3 32, 128 and 256 ranks x 9 slots (and
-  Kimi-K2, 60 layers x 384 experts, at 128 x 4 with ``--kimi``), one rank failing,
-  with moved bytes over the lower bound, balance, and min_migration's time as a ratio
-  to deepseek's in the same run.
+- scale: both policies' seconds (median of ``--repeat`` runs) at DeepSeek-V3 32, 128
+  and 256 ranks x 9 slots (and Kimi-K2, 60 layers x 384 experts, at 128 x 4 with
+  ``--kimi``), one rank failing, with balance, moved bytes (GiB, and over the lower
+  bound), and min_migration's time as a ratio to deepseek's, run in the same process
+  on the same inputs as the baseline.
 
 Last line: ``moved_bytes_ratio_min_migration=<x> moved_bytes_ratio_deepseek=<y> policy_speedup=<z>``.
 """
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=4, help="nodes of the steady-state placement (1: global)")
     ap.add_argument("--no-scale", dest="scale", action="store_false", help="skip the 32/128/256-rank timings")
     ap.add_argument("--kimi", action="store_true", help="add Kimi-K2 (60 x 384 experts) at 128 x 4 to the scale timings")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per scale timing (the median is shown)")
     args = ap.parse_args()
     L, E, R, S, G, N = args.layers, 256, 32, 9, 8, args.nodes
     print(f"case: {L} layers x {E} experts, {R} ranks x {S} slots, {G} groups, {N} nodes, "
@@ -114,17 +116,19 @@ def main() -> None:
     print(f"\nmin_migration moves {ds / mm:.1f}x fewer bytes than deepseek; balance "
           f"{statistics.mean(rows['min_migration']['balance']):.3f} vs {statistics.mean(rows['deepseek']['balance']):.3f}")
     if args.scale:
-        scale(args.kimi, args.seed)
+        scale(args.kimi, args.seed, args.repeat)
     print(f"moved_bytes_ratio_min_migration={mm:.3f} moved_bytes_ratio_deepseek={ds:.3f} policy_speedup={speedup:.1f}")
 
 
-def scale(kimi: bool, seed: int) -> None:
-    """Policy seconds as the deployment grows (one failed rank, one run each)."""
+def scale(kimi: bool, seed: int, repeat: int) -> None:
+    """Policy seconds as the deployment grows (one failed rank, median of ``repeat`` runs)."""
     cases = [("DeepSeek-V3", 58, 256, r, 9, 8) for r in (32, 128, 256)]
     if kimi:
         cases.append(("Kimi-K2", 60, 384, 128, 4, 1))
-    print("\nscale: one rank failing; moved/lb = moved bytes over the lower bound (lb 0: bytes moved)")
-    print(f"{'model':<12}{'ranks':>6}{'policy':>15}{'seconds':>9}{'/deepseek':>10}{'balance':>9}{'moved/lb':>10}")
+    print(f"\nscale: one rank failing, median of {repeat} runs; /deepseek: seconds over deepseek's on the same "
+          "inputs; moved/lb: moved bytes over the lower bound (- when it is 0)")
+    print(f"{'model':<12}{'ranks':>6}{'policy':>15}{'seconds':>9}{'/deepseek':>10}{'balance':>9}{'moved GiB':>11}"
+          f"{'moved/lb':>10}")
     for model, L, E, R, S, G in cases:
         load = zipf_load(L, E, 0.6, seed)
         old = ExpertPlacement(rebalance_experts(load, R * S, G, 4 if G % 4 == 0 else 1, R)[0], S, E)
@@ -132,11 +136,12 @@ def scale(kimi: bool, seed: int) -> None:
         lb = lower_bound_bytes(old, m, EXPERT_BYTES)
         base = None
         for name, policy in (("deepseek", DeepSeekPolicy(num_groups=G, num_nodes=4)), ("min_migration", MinMigrationPolicy())):
-            t, new = timed(lambda: policy.rebalance(old, m, load), 1)
+            t, new = timed(lambda: policy.rebalance(old, m, load), repeat)
             base = base or t
             moved = moved_bytes(build_plan(old, new, m, EXPERT_BYTES, epoch=1))
-            ratio = f"{moved / lb:.2f}" if lb else f"{moved / 2**30:.0f} GiB"
-            print(f"{model:<12}{R:>6}{name:>15}{t:>9.3f}{t / base:>10.2f}{balance(new, load):>9.3f}{ratio:>10}")
+            ratio = f"{moved / lb:.2f}" if lb else "-"
+            print(f"{model:<12}{R:>6}{name:>15}{t:>9.3f}{t / base:>10.2f}{balance(new, load):>9.3f}"
+                  f"{moved / 2**30:>11.1f}{ratio:>10}")
 
 
 if __name__ == "__main__":

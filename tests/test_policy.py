@@ -8,7 +8,9 @@ from elastic_ep.core.eplb import rebalance_experts
 from elastic_ep.errors import ConfigError
 from elastic_ep.core.placement import ExpertPlacement, balance
 from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes
-from elastic_ep.core.policy import DeepSeekPolicy, MinMigrationPolicy, _excess, get_policy, keep_local_slots
+import elastic_ep.core.policy as policy_module
+from elastic_ep.core.policy import (DeepSeekPolicy, MinMigrationPolicy, _excess, _Layers, _pick, _true_indices,
+                                    get_policy, keep_local_slots)
 from elastic_ep.core.rank_mapping import RankMapping
 
 from strategies import placement_and_change
@@ -144,6 +146,77 @@ def test_min_migration_moves_and_balances_as_before(seed):
         moved, ref_moved = (moved_bytes(build_plan(old, p, m, 1)) for p in (new, ref))
         assert moved <= ref_moved, (seed, policy)
         assert balance(new, load) >= balance(ref, load) - 1e-9, (seed, policy)
+
+
+@settings(max_examples=40, deadline=None)
+@given(placement_and_change())
+def test_min_migration_replica_table_follows_every_change(case):
+    """min_migration keeps each expert's replicas per rank in a table instead of
+    comparing slots; after every step it matches a recount from the slots."""
+    old, m, load = case
+    s = _Layers.start(m.carry_over(old), load, old.slots_per_rank)
+
+    def assert_counts_match_slots() -> None:
+        want = np.zeros(s.held.shape, dtype=np.int64)
+        lay, slot = np.nonzero(s.row >= 0)
+        np.add.at(want, (lay, s.row[lay, slot], slot // s.spr), 1)
+        assert (s.held == want).all()
+        assert (s.cnt == want.sum(axis=2)).all()
+
+    assert_counts_match_slots()
+    s.home_missing()
+    assert_counts_match_slots()
+    s.fill_empty()
+    assert_counts_match_slots()
+    MinMigrationPolicy(min_gain=0.0, max_moves_per_layer=6)._moves_that_pay(s)  # replicas and swaps
+    assert_counts_match_slots()
+
+
+def test_min_migration_scores_layers_in_batches_without_changing_a_choice(rng, monkeypatch):
+    L, E, R, S = 6, 48, 8, 8
+    load = rng.zipf(1.5, (L, E)).astype(np.float64)
+    old = ExpertPlacement(rebalance_experts(load, R * S, 1, 1, R)[0], S, E)
+    m = RankMapping.build(R, dead=[1], num_joining=1)
+    policy = MinMigrationPolicy(min_gain=0.0, max_moves_per_layer=6)
+    whole = policy.rebalance(old, m, load)
+    monkeypatch.setattr(policy_module, "_CHUNK", 1)  # one layer per batch
+    assert policy.rebalance(old, m, load) == whole
+
+
+def test_min_migration_sums_few_candidates_in_full_as_the_approximation_would(rng):
+    """With at most _NEAR candidate slots for a missing expert, step 1 sums each in
+    full and skips the approximate pass: the slot is the one that pass leads to."""
+    checked = 0
+    for _ in range(30):
+        L, R, S = 4, int(rng.integers(4, 9)), 6
+        E = int(rng.integers(8, (R - 2) * S + 1))  # room for all once two ranks are gone
+        load = rng.integers(1, 4, (L, E)).astype(np.float64)  # equal loads: ties to break alike
+        old = ExpertPlacement(rebalance_experts(load, R * S, 1, 1, R)[0], S, E)
+        m = RankMapping.build(R, dead=sorted(rng.choice(R, 2, replace=False).tolist()))
+        s = _Layers.start(m.carry_over(old), load, S)
+        missing = s.cnt == 0
+        ls = np.flatnonzero(missing.any(axis=1))
+        if ls.size == 0:
+            continue
+        e = np.argmax(np.where(missing[ls], load[ls], -1.0), axis=1)
+        rl = s.rank_loads(ls)
+        # no rank took a missing expert yet: the candidates are all redundant slots
+        slots = _true_indices(np.take_along_axis(s.cnt[ls], s.row[ls], 1) >= 2, s.row.shape[1])
+        assert slots.shape[1] <= policy_module._NEAR
+        approx = s.excess_after_replacing(ls, e[:, None], slots, rl)
+        assert (s._slot_to_replace(ls, e, rl) == s._least_excess(ls, e[:, None], slots, rl, approx)[0]).all()
+        checked += ls.size
+    assert checked > 20
+
+
+def test_true_indices_and_pick():
+    mask = np.array([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=bool)
+    assert _true_indices(mask, 3).tolist() == [[1, 2, 4], [-1, -1, -1], [0, 1, 2]]
+    assert _true_indices(mask, 10).tolist() == [[1, 2, 4, -1, -1], [-1] * 5, [0, 1, 2, 3, 4]]
+    x = np.arange(12).reshape(3, 4)
+    assert _pick(x, np.array([[3, 0], [1, 1], [2, 3]])).tolist() == [[3, 0], [5, 5], [10, 11]]
+    assert _pick(x, np.array([[0], [3]]), np.array([2, 0])).tolist() == [[8], [3]]
+    assert _pick(x, np.array([[[1, 2]], [[0, 0]]]), np.array([1, 2])).tolist() == [[[5, 6]], [[8, 8]]]
 
 
 def test_deepseek_runs_the_global_policy_when_groups_do_not_divide_over_nodes():

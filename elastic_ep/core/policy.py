@@ -15,8 +15,9 @@ Two policies behind one interface, chosen by name (``get_policy("min_migration")
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,9 +46,11 @@ def _check_inputs(old: ExpertPlacement, mapping: RankMapping, load: np.ndarray) 
     return load
 
 
-def _excess(rank_load: np.ndarray) -> np.ndarray:
-    """Load above the mean, summed over ranks (the last axis)."""
-    above = rank_load - rank_load.mean(axis=-1, keepdims=True)
+def _excess(rank_load: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Load above the mean, summed over ranks (the last axis); ``overwrite``: work in
+    ``rank_load`` itself instead of a copy (the caller's scratch array)."""
+    mean = rank_load.mean(axis=-1, keepdims=True)
+    above = np.subtract(rank_load, mean, out=rank_load if overwrite else None)
     return np.maximum(above, 0.0, out=above).sum(axis=-1)
 
 
@@ -56,25 +59,31 @@ def _true_indices(mask: np.ndarray, most: int) -> np.ndarray:
     ``[X, n]``, in order, at most ``most`` of them, ``-1`` padded (``k >= 1``)."""
     counts = mask.sum(axis=-1)
     k = int(min(max(counts.max(initial=1), 1), most))
-    r, c = np.nonzero(mask)  # row-major: each row's columns in order
+    r, c = np.divmod(np.flatnonzero(mask), mask.shape[1])  # row-major: each row's columns in order
     nth = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    keep = nth < k
+    if k < counts.max(initial=0):  # some rows have more: keep their first k
+        keep = nth < k
+        r, c, nth = r[keep], c[keep], nth[keep]
     out = np.full((mask.shape[0], k), -1, dtype=np.int64)
-    out[r[keep], nth[keep]] = c[keep]
+    out[r, nth] = c
     return out
 
 
-def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _pick(x: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``[n, ...]``: ``x[rows[i], idx[i, ...]]`` for ``x`` ``[N, M]``, ``idx`` ``[n, ...]``
+    (non-negative) and ``rows`` ``[n]`` (default ``arange(n)``). One flat ``np.take``:
+    several times faster than ``take_along_axis``, and no copy of ``x[rows]``."""
+    rows = np.arange(idx.shape[0]) if rows is None else rows
+    return np.take(x, (rows * x.shape[1]).reshape((-1,) + (1,) * (idx.ndim - 1)) + idx)
+
+
+def _rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``[n, K, H]``: ``x[i, idx[i]]`` for ``x`` ``[n, M, H]`` and ``idx`` ``[n, K]``
-    (``np.take`` of whole rows: far faster than ``take_along_axis`` over three axes)."""
+    (``np.take`` of whole rows: far faster than ``take_along_axis`` over three axes),
+    into ``out`` if given (``idx`` in range: ``mode="clip"`` writes it unbuffered)."""
     n, M, H = x.shape
-    return np.take(x.reshape(n * M, H), np.arange(n)[:, None] * M + idx, axis=0)
-
-
-def _near_min(score: np.ndarray, tol: np.ndarray, most: int) -> np.ndarray:
-    """``[X, k]``: the indices of each row of ``score`` ``[X, n]`` within ``tol`` ``[X]``
-    of the row's minimum, in order, at most ``most`` of them, ``-1`` padded."""
-    return _true_indices(score <= (score.min(axis=-1) + tol)[:, None], most)
+    return np.take(x.reshape(n * M, H), np.arange(n)[:, None] * M + idx, axis=0, out=out,
+                   mode="raise" if out is None else "clip")
 
 
 class RebalancePolicy(ABC):
@@ -118,11 +127,19 @@ def keep_local_slots(before: np.ndarray, after: np.ndarray, slots_per_rank: int)
 
     Per rank: the ``k``-th copy of an expert in ``before`` keeps its slot if ``after``
     has more than ``k`` copies of it there; the rest of ``after`` (its first copies of
-    each kept expert taken out) fills the other slots in order. All ranks at once.
+    each kept expert taken out) fills the other slots in order. All ranks at once;
+    only the ranks whose slots changed are visited (the others are ``before`` as is).
     """
     L, P = after.shape
-    b = before.reshape(-1, slots_per_rank)
-    a = after.reshape(-1, slots_per_rank)
+    out = np.array(after, dtype=np.result_type(before, after)).reshape(-1, slots_per_rank)
+    changed = np.flatnonzero((out != before.reshape(-1, slots_per_rank)).any(axis=1))
+    out[changed] = _keep_local_slots(before.reshape(-1, slots_per_rank)[changed], out[changed])
+    return out.reshape(L, P)
+
+
+def _keep_local_slots(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """:func:`keep_local_slots` of ranks ``b``, ``a`` ``[M, slots_per_rank]``."""
+    slots_per_rank = b.shape[1]
     earlier = np.tril(np.ones((slots_per_rank, slots_per_rank), dtype=bool), -1)
 
     def nth_copy(x: np.ndarray) -> np.ndarray:  # [M, spr]: copies of x[i] before slot i
@@ -136,7 +153,7 @@ def keep_local_slots(before: np.ndarray, after: np.ndarray, slots_per_rank: int)
     rows = np.broadcast_to(np.arange(a.shape[0])[:, None], a.shape)
     out = np.where(keep, b, a)
     out[rows[fill], free[fill]] = a[rows[fill], rest[fill]]
-    return out.reshape(L, P)
+    return out
 
 
 @dataclass(frozen=True)
@@ -168,7 +185,11 @@ class MinMigrationPolicy(RebalancePolicy):
     """Keep surviving replicas in place; move only what must move, plus moves that pay.
 
     Every step below runs on all layers at once (layers are independent; each array
-    has a leading layer axis), so one Python loop runs over the step, not the layer.
+    has a leading layer axis), so one Python loop runs over the step, not the layer;
+    the scoring of candidate moves takes the layers in batches whose arrays stay in
+    cache (``_CHUNK``). An expert's replicas per rank are kept in a table updated by
+    every change, and the step's large arrays are built in reused memory: at 256
+    ranks x 9 slots it is those arrays' size, not Python, that sets the time.
 
     Attributes:
         min_gain: a move is made only if it lowers the layer's excess load (the sum
@@ -207,8 +228,9 @@ class MinMigrationPolicy(RebalancePolicy):
             ls = np.flatnonzero(active)
             if ls.size == 0:
                 break
-            rl = s.rank_loads(ls)
-            rep, swap = s.best_replicate(ls, rl), s.best_swap(ls, rl)
+            per = s.slot_loads(ls)  # rows are full from here on
+            rl = s.rank_loads(ls, per)
+            rep, swap = s.best_moves(ls, rl, per)
             use_swap = swap.ok & (~rep.ok | (swap.key > rep.key))
             gain = np.where(use_swap, swap.gain, rep.gain)
             cost = np.where(use_swap, swap.cost, rep.cost)
@@ -220,6 +242,16 @@ class MinMigrationPolicy(RebalancePolicy):
             s.apply_replicate(ls[go & ~use_swap], rep, go & ~use_swap)
             s.apply_swap(ls[go & use_swap], swap, go & use_swap)
             spent[ls[go]] += np.maximum(cost[go], 0)
+
+
+_NEAR = 64
+"""Candidates within rounding of the least approximate excess that are scored again
+in full (:meth:`_Layers._least_excess`)."""
+
+_CHUNK = 1 << 18
+"""Candidate moves scored per batch of layers (``n x spr x P`` at most, one layer at
+least): a batch's candidate arrays (~2 MiB of float64 each) stay in cache, where all
+58 layers of a 256-rank deployment at once (~9 MiB each) do not."""
 
 
 @dataclass
@@ -239,13 +271,22 @@ class _Move:
     def key(self) -> np.ndarray:
         return self.gain / np.maximum(self.cost, 1e-9)
 
+    @classmethod
+    def concat(cls, moves: list[_Move]) -> _Move:
+        """The moves of consecutive batches of layers, as one."""
+        if len(moves) == 1:
+            return moves[0]
+        return cls(*(np.concatenate([getattr(m, f.name) for m in moves]) for f in fields(cls)))
+
 
 @dataclass
 class _Layers:
     """min_migration's state, all layers at once.
 
     ``carry``/``row``: ``[L, P]`` experts before any transfer / now (``-1`` empty);
-    ``cnt``: ``[L, E]`` replicas now; ``w``: ``[L, E]`` load; ``taken``: ``[L, ranks]``
+    ``cnt``: ``[L, E]`` replicas now; ``held``: ``[L, E, ranks]`` replicas now of each
+    expert on each rank (kept up to date by every change, so that no step compares
+    slots to find an expert's ranks); ``w``: ``[L, E]`` load; ``taken``: ``[L, ranks]``
     experts without a live replica placed on each rank; ``kept``: ``[L, E]`` experts
     with a replica on a surviving rank.
     """
@@ -256,18 +297,25 @@ class _Layers:
     kept: np.ndarray
     row: np.ndarray
     cnt: np.ndarray
+    held: np.ndarray
     taken: np.ndarray
     disk_cap: np.ndarray | None = None
     """``[L]``: the most missing experts any rank took in step 1; no move exceeds it."""
+    scratch: dict[str, np.ndarray] = field(default_factory=dict)
+    """Working memory of the largest arrays of a step, by name (:meth:`buffer`)."""
 
     @classmethod
     def start(cls, carry: np.ndarray, w: np.ndarray, spr: int) -> "_Layers":
         L, P = carry.shape
-        E = w.shape[1]
-        flat = (np.arange(L)[:, None] * E + carry)[carry >= 0]
-        cnt = np.bincount(flat, minlength=L * E).reshape(L, E)
-        taken = np.zeros((L, P // spr), dtype=np.int64)
-        return cls(w=w, spr=spr, carry=carry, kept=cnt > 0, row=carry.copy(), cnt=cnt, taken=taken)
+        E, R = w.shape[1], P // spr
+        lay, slot = np.nonzero(carry >= 0)
+        e = carry[lay, slot]
+        cnt = np.bincount(lay * E + e, minlength=L * E).reshape(L, E)
+        held = np.zeros((L, E, R), dtype=np.min_scalar_type(-spr))  # counts <= spr: small gathers
+        where, times = np.unique((lay * E + e) * R + slot // spr, return_counts=True)
+        held.reshape(-1)[where] = times
+        taken = np.zeros((L, R), dtype=np.int64)
+        return cls(w=w, spr=spr, carry=carry, kept=cnt > 0, row=carry.copy(), cnt=cnt, held=held, taken=taken)
 
     @property
     def ranks(self) -> int:
@@ -277,27 +325,54 @@ class _Layers:
     def slot_rank(self) -> np.ndarray:
         return np.arange(self.row.shape[1]) // self.spr
 
-    def rank_loads(self, ls: np.ndarray) -> np.ndarray:
+    def by_slot(self, x: np.ndarray) -> np.ndarray:
+        """``[n, P]``: ``x`` ``[n, ranks]`` of each slot's rank."""
+        return np.repeat(x, self.spr, axis=1)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: type = np.float64) -> np.ndarray:
+        """An uninitialised ``shape`` array in the memory kept for ``name``: the large
+        arrays of every step reuse the same pages (fresh ones are page faults, and
+        freeing them lets the allocator hand the pages back)."""
+        size = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = self.scratch[name] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def held_rows(self, ls: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``[n, K, ranks]``: the replicas of expert ``x`` ``[n, K]`` of layers ``ls`` on
+        each rank (whole rows of ``held``, gathered in one ``np.take``)."""
+        return np.take(self.held.reshape(-1, self.ranks), ls[:, None] * self.w.shape[1] + x, axis=0)
+
+    def held_at(self, ls: np.ndarray, x: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """``[n, K]``: the replicas of expert ``x`` ``[n, K]`` of layers ``ls`` on ``rank``
+        (broadcast to ``x``)."""
+        return np.take(self.held, (ls[:, None] * self.w.shape[1] + x) * self.ranks + rank)
+
+    def slot_loads(self, ls: np.ndarray) -> np.ndarray:
+        """``[len(ls), P]`` each slot's share of its expert's load (empty slots: any)."""
+        e = np.maximum(self.row[ls], 0)
+        return _pick(self.w, e, ls) / np.maximum(_pick(self.cnt, e, ls), 1)
+
+    def rank_loads(self, ls: np.ndarray, per: np.ndarray | None = None) -> np.ndarray:
         """``[len(ls), ranks]`` load per rank of layers ``ls``, an expert's load split
-        over its replicas (summed in slot order)."""
-        row = self.row[ls]
-        per = np.where(row >= 0, self._per_slot(ls, row), 0.0)
+        over its replicas (summed in slot order). ``per``: :meth:`slot_loads` of rows
+        without an empty slot, when the caller has it."""
+        if per is None:
+            per = np.where(self.row[ls] >= 0, self.slot_loads(ls), 0.0)
         idx = np.arange(ls.size)[:, None] * self.ranks + self.slot_rank
         return np.bincount(idx.ravel(), weights=per.ravel(), minlength=ls.size * self.ranks).reshape(ls.size, -1)
 
-    def _per_slot(self, ls: np.ndarray, row: np.ndarray) -> np.ndarray:
-        """``[len(ls), P]`` each slot's share of its expert's load (empty slots: any)."""
-        e = np.maximum(row, 0)
-        cnt = np.take_along_axis(self.cnt[ls], e, 1)
-        return np.take_along_axis(self.w[ls], e, 1) / np.maximum(cnt, 1)
-
     def _place(self, ls: np.ndarray, slot: np.ndarray, e: np.ndarray) -> None:
-        """Put expert ``e`` ``[n]`` in ``slot`` ``[n]`` of layers ``ls``, freeing the
-        replica that was there."""
+        """Put expert ``e`` ``[n]`` in ``slot`` ``[n]`` of layers ``ls`` (one slot per
+        layer), freeing the replica that was there."""
         was = self.row[ls, slot]
-        np.subtract.at(self.cnt, (ls[was >= 0], was[was >= 0]), 1)
+        had = was >= 0
+        self.cnt[ls[had], was[had]] -= 1
+        self.held[ls[had], was[had], slot[had] // self.spr] -= 1
         self.row[ls, slot] = e
-        np.add.at(self.cnt, (ls, e), 1)
+        self.cnt[ls, e] += 1
+        self.held[ls, e, slot // self.spr] += 1
 
     def home_missing(self) -> None:
         """1. Every expert without a replica gets a slot, heaviest first: an empty slot
@@ -313,7 +388,7 @@ class _Layers:
             e = order[ls, i]
             rl = self.rank_loads(ls)
             free = self.row[ls] < 0
-            slot = np.argmin(np.where(free, rl[:, self.slot_rank], np.inf), axis=1)
+            slot = np.argmin(np.where(free, self.by_slot(rl), np.inf), axis=1)
             full = ~free.any(axis=1)
             if full.any():
                 slot[full] = self._slot_to_replace(ls[full], e[full], rl[full])
@@ -324,43 +399,50 @@ class _Layers:
         """``[n]``: for layers ``ls`` without an empty slot, the redundant replica to give
         to missing expert ``e`` ``[n]``: on a rank that took the fewest missing experts,
         the one that leaves the least excess load."""
-        row = self.row[ls]
-        redundant = np.take_along_axis(self.cnt[ls], row, 1) >= 2
-        tk = self.taken[ls][:, self.slot_rank]
+        redundant = _pick(self.cnt, self.row[ls], ls) >= 2
+        tk = self.by_slot(self.taken[ls])
         fewest = np.where(redundant, tk, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
-        slots = _true_indices(redundant & (tk == fewest), row.shape[1])
+        slots = _true_indices(redundant & (tk == fewest), redundant.shape[1])
+        if slots.shape[1] <= _NEAR:
+            # _least_excess would sum all of them in full (the least within rounding is
+            # the least of all): do only that, and skip the approximate pass.
+            c = np.maximum(slots, 0)
+            full = self._excess_in_full(ls, np.broadcast_to(e[:, None], c.shape), c, rl)
+            return c[np.arange(ls.size), np.argmin(np.where(slots >= 0, full, np.inf), axis=1)]
         excess = self.excess_after_replacing(ls, e[:, None], slots, rl)
         return self._least_excess(ls, e[:, None], slots, rl, excess)[0]
 
     def _least_excess(self, ls: np.ndarray, h: np.ndarray, slots: np.ndarray, rl: np.ndarray,
                       excess: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The (slot, expert) pair of least ``excess`` ``[n, H, K]`` (from
+        """The (slot, expert) pair of least ``excess`` ``[n, K, H]`` (from
         :meth:`excess_after_replacing` on candidate ``slots`` ``[n, K]``, ``inf`` where not
         allowed): ``(slot, j, excess)`` ``[n]`` each, ``j`` indexing ``h`` ``[n, H]``.
 
         Pairs within rounding of the least are compared again by the rank loads
         summed in full (:meth:`_excess_in_full`), so that equal inputs give equal
-        choices whichever formula found the candidates; the first 64 of them in
+        choices whichever formula found the candidates; the first ``_NEAR`` of them in
         (expert, slot) order, as ``slots`` is ascending."""
-        n, H, K = excess.shape
-        flat = excess.reshape(n, -1)
-        near = np.maximum(_near_min(flat, 1e-9 * (1.0 + rl.sum(axis=-1)), 64), 0)
-        slot, j = np.maximum(np.take_along_axis(slots, near % K, 1), 0), near // K
-        full = self._excess_in_full(ls, np.take_along_axis(h, j, 1), slot, rl)
-        full = np.where(np.isfinite(np.take_along_axis(flat, near, 1)), full, np.inf)
-        best = np.argmin(full, axis=1)
+        n, K, H = excess.shape
         r = np.arange(n)
+        tol = 1e-9 * (1.0 + rl.sum(axis=-1))
+        close = excess <= (excess.min(axis=(1, 2)) + tol)[:, None, None]
+        # (expert, slot) order: only the bool mask is transposed, not the scores
+        near = np.maximum(_true_indices(close.transpose(0, 2, 1).reshape(n, H * K), _NEAR), 0)
+        k, j = near % K, near // K
+        slot = np.maximum(_pick(slots, k), 0)
+        full = self._excess_in_full(ls, _pick(h, j), slot, rl)
+        full = np.where(np.isfinite(excess.reshape(n, -1)[r[:, None], k * H + j]), full, np.inf)
+        best = np.argmin(full, axis=1)
         return slot[r, best], j[r, best], full[r, best]
 
     def _excess_in_full(self, ls: np.ndarray, h: np.ndarray, slot: np.ndarray, rl: np.ndarray) -> np.ndarray:
         """``[n, K]``: the excess load after putting expert ``h`` in ``slot`` (both
         ``[n, K]``), with every rank's load written out: ``O(K x ranks)``."""
-        K = h.shape[1]
-        row, cnt, w = self.row[ls], self.cnt[ls], self.w[ls]
-        a = np.maximum(np.take_along_axis(row, slot, 1), 0)
-        wh, ch = np.take_along_axis(w, h, 1), np.take_along_axis(cnt, h, 1)
-        wa, ca = np.take_along_axis(w, a, 1), np.take_along_axis(cnt, a, 1)
-        on = self._replicas_per_rank(ls, np.concatenate([h, a], axis=1))
+        n, K = h.shape
+        a = np.maximum(_pick(self.row, slot, ls), 0)
+        wh, ch = _pick(self.w, h, ls), _pick(self.cnt, h, ls)
+        wa, ca = _pick(self.w, a, ls), _pick(self.cnt, a, ls)
+        on = self.held_rows(ls, np.concatenate([h, a], axis=1))
         on_h, on_a = on[:, :K], on[:, K:]
         with np.errstate(divide="ignore", invalid="ignore"):
             shed = wh / ch - wh / (ch + 1)
@@ -370,75 +452,63 @@ class _Layers:
             np.copyto(new, rl[:, None, :], where=(ch <= 0)[..., None])  # a missing h sheds nothing
             grow = wa / (ca - 1) - wa / ca
             new += np.multiply(on_a, grow[..., None])
-            np.put_along_axis(new, (slot // self.spr)[..., None],
-                              np.take_along_axis(new, (slot // self.spr)[..., None], -1)
-                              + (wh / (ch + 1) - wa / ca - grow)[..., None], -1)
-        return _excess(new)
-
-    def _replicas_per_rank(self, ls: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """``[n, K, ranks]``: the replicas of expert ``x`` ``[n, K]`` of layers ``ls`` on
-        each rank. Slots sorted by expert give each expert's replicas as one run, so
-        only ``x``'s replicas are visited (a hot expert may have a hundred: no padding
-        to the longest run), never a whole expert x rank table."""
-        row, cnt = self.row[ls], self.cnt[ls]
-        n, K = x.shape
-        P = row.shape[1]
-        order = np.argsort(np.where(row >= 0, row, cnt.shape[1]), axis=1, kind="stable")
-        start = np.take_along_axis(np.cumsum(cnt, axis=1) - cnt, x, 1) + np.arange(n)[:, None] * P
-        runs = np.take_along_axis(cnt, x, 1).ravel()
-        within = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
-        slot = order.ravel()[np.repeat(start.ravel(), runs) + within]
-        idx = np.repeat(np.arange(n * K), runs) * self.ranks + slot // self.spr
-        return np.bincount(idx, minlength=n * K * self.ranks).reshape(n, K, self.ranks)
+            at = np.arange(n * K) * self.ranks + (slot // self.spr).ravel()  # the slot's rank
+            new.reshape(-1)[at] += (wh / (ch + 1) - wa / ca - grow).ravel()
+        return _excess(new, overwrite=True)
 
     def excess_after_replacing(self, ls: np.ndarray, h: np.ndarray, slots: np.ndarray,
-                               rl: np.ndarray) -> np.ndarray:
-        """``[n, H, K]``: the excess load of layer ``ls[i]`` after putting expert
+                               rl: np.ndarray, usable: np.ndarray | None = None) -> np.ndarray:
+        """``[n, K, H]``: the excess load of layer ``ls[i]`` after putting expert
         ``h[i, j]`` in slot ``c = slots[i, k]`` instead of its expert ``a``, which must
-        keep another replica; ``inf`` where ``c`` is ``-1`` or its rank holds ``h``.
-        The ``h`` of a layer all have a replica, or there is one (``H == 1``).
+        keep another replica; ``inf`` where ``c`` is ``-1``, its rank holds ``h`` or
+        ``usable`` ``[n, H]`` (all if ``None``) is false. The ``h`` of a layer all have
+        a replica, or there is one (``H == 1``); rows have no empty slot.
 
         Every replica of ``h`` sheds load (its count grows), every other replica of
         ``a`` takes more, and ``c``'s rank swaps ``a``'s share for ``h``'s. The sum over
         ranks is then: the ranks as ``h`` leaves them ``[n, H]``, plus one term per
         (``a``, rank) pair summed per expert ``[n, E]``, corrected where a rank holds
         both ``h`` and ``a`` ``[n, E, H]`` (few such ranks), plus ``c``'s rank
-        ``[n, H, K]``: no candidate array has a rank axis.
+        ``[n, K, H]``: no candidate array has a rank axis.
         """
         n, H = h.shape
-        row, cnt, w = self.row[ls], self.cnt[ls], self.w[ls]
-        wh, ch = np.take_along_axis(w, h, 1), np.take_along_axis(cnt, h, 1)  # [n, H]
+        row = self.row[ls]
+        wh, ch = _pick(self.w, h, ls), _pick(self.cnt, h, ls)  # [n, H]
         # A missing h adds its load to the layer (only ever alone: H == 1).
         mean = (rl.sum(axis=-1) + np.where(ch[:, 0] == 0, wh[:, 0], 0.0)) / self.ranks
 
         def pos(x: np.ndarray) -> np.ndarray:
             return np.maximum(x - mean.reshape((n,) + (1,) * (x.ndim - 1)), 0.0)
 
-        hit = row[:, None, :] == h[:, :, None]  # [n, H, P]
-        on_h = hit.reshape(n, H, self.ranks, self.spr).sum(axis=-1)
+        on_h = self.held_rows(ls, h)  # [n, H, R]
         shed = np.where(ch > 0, wh / np.maximum(ch, 1) - wh / (ch + 1), 0.0)
         base = rl[:, None, :] - on_h * shed[..., None]  # [n, H, R]
-        a = np.maximum(row, 0)
-        wa, ca = np.take_along_axis(w, a, 1), np.take_along_axis(cnt, a, 1)  # [n, P]
+        wa, ca = _pick(self.w, row, ls), _pick(self.cnt, row, ls)  # [n, P]
         grow = np.where(ca >= 2, wa / np.maximum(ca - 1, 1) - wa / np.maximum(ca, 1), 0.0)
-        same, first = self._same_on_rank(row)
-        shared = rl[:, self.slot_rank] + same * grow  # a slot's rank as a's other copies grow
-        term = np.where(first, pos(shared) - pos(rl[:, self.slot_rank]), 0.0)
-        per_a = self._per_expert(term, a)
-        both = self._held_with_h(hit, first, a, base, same * grow, term, mean)
+        same, first = self._same_on_rank(ls, row)
+        rl_slot = self.by_slot(rl)
+        shared = rl_slot + same * grow  # a slot's rank as a's other copies grow
+        term = np.where(first, pos(shared) - pos(rl_slot), 0.0)
+        per_a = self._per_expert(term, row)
+        both = self._held_with_h(on_h, first, row, base, same * grow, term, mean)
         # Candidates are laid out [n, K, H] so that every gather takes whole rows of H.
         c = np.maximum(slots, 0)
-        ac = np.take_along_axis(a, c, 1)
+        ac = _pick(row, c)
         holds = on_h.transpose(0, 2, 1) > 0  # [n, R, H]
         # c's rank: a's share out (its other copies there grow), h's share in.
-        out = np.take_along_axis(shared - wa / np.maximum(ca, 1) - grow, c, 1) - mean[:, None]
-        total = _rows(both, ac)  # summed in place: these [n, K, H] arrays are the cost
+        out = _pick(shared - wa / np.maximum(ca, 1) - grow, c) - mean[:, None]
+        shape = ac.shape + (H,)
+        total = _rows(both, ac, self.buffer("total", shape))  # in place: these [n, K, H] arrays are the cost
         total += pos(base).sum(axis=-1)[:, None, :]
-        total += (np.take_along_axis(per_a, ac, 1) - np.take_along_axis(pos(shared), c, 1))[..., None]
-        c_rank = np.add(out[..., None], (wh / (ch + 1))[:, None, :])
+        total += (_pick(per_a, ac) - _pick(pos(shared), c))[..., None]
+        c_rank = np.add(out[..., None], (wh / (ch + 1))[:, None, :], out=self.buffer("c_rank", shape))
         total += np.maximum(c_rank, 0.0, out=c_rank)
-        bad = (slots < 0)[..., None] | _rows(holds, c // self.spr)
-        return np.where(bad, np.inf, total).transpose(0, 2, 1)
+        bad = _rows(holds, c // self.spr, self.buffer("rep_bad", shape, np.bool_))
+        bad |= (slots < 0)[..., None]
+        if usable is not None:
+            bad |= ~usable[:, None, :]
+        np.copyto(total, np.inf, where=bad)
+        return total
 
     def _per_expert(self, term: np.ndarray, a: np.ndarray) -> np.ndarray:
         """``[n, E]``: ``term`` ``[n, P]`` summed over slots by their expert ``a`` ``[n, P]``."""
@@ -446,39 +516,41 @@ class _Layers:
         idx = np.arange(n)[:, None] * E + a
         return np.bincount(idx.ravel(), weights=term.ravel(), minlength=n * E).reshape(n, E)
 
-    def _held_with_h(self, hit: np.ndarray, first: np.ndarray, a: np.ndarray, base: np.ndarray,
+    def _held_with_h(self, on_h: np.ndarray, first: np.ndarray, a: np.ndarray, base: np.ndarray,
                      gain: np.ndarray, term: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        """``[n, E, H]``: on the ranks holding ``h`` (``hit`` ``[n, H, P]``), what each
+        """``[n, E, H]``: on the ranks holding ``h`` (``on_h`` ``[n, H, R]``), what each
         (``a``, rank) term changes when taken from ``base`` ``[n, H, R]`` (the rank after
         ``h`` sheds) instead of ``term`` ``[n, P]`` (from the rank as it is), summed per
         ``a``. ``gain`` ``[n, P]``: what a slot's rank takes as ``a``'s other copies grow;
         ``mean`` ``[n]``. Only ``h``'s ranks times their slots are visited."""
-        n, H, P = hit.shape
-        E = self.w.shape[1]
-        i, s = np.nonzero((hit & first[:, None, :]).reshape(n * H, P))  # h's first slot on a rank
-        lay, r = (i // H)[:, None], (s // self.spr)[:, None]
-        t = r * self.spr + np.arange(self.spr)  # [M, spr]: the slots of that rank
-        b, mm = base[lay, (i % H)[:, None], r], mean[lay]
-        val = np.maximum(b + gain[lay, t] - mm, 0.0) - np.maximum(b - mm, 0.0) - term[lay, t]
-        idx = (lay * E + a[lay, t]) * H + (i % H)[:, None]
-        sel = first[lay, t]
-        both = np.bincount(idx[sel], weights=val[sel], minlength=n * E * H)
-        return both.astype(np.float64, copy=False).reshape(n, E, H)  # float even when no rank holds h
+        n, H, R = on_h.shape
+        E, P = self.w.shape[1], a.shape[1]
+        ih = np.flatnonzero(on_h > 0)  # (layer, h, rank) triples, in order
+        i, r = np.divmod(ih, R)
+        lay = (i // H)[:, None]
+        t = lay * P + r[:, None] * self.spr + np.arange(self.spr)  # [M, spr]: that rank's slots, flat
+        b, mm = np.take(base, ih)[:, None], mean[lay]
+        val = np.maximum(b + np.take(gain, t) - mm, 0.0) - np.maximum(b - mm, 0.0) - np.take(term, t)
+        idx = (lay * E + np.take(a, t)) * H + (i % H)[:, None]
+        sel = np.take(first, t)
+        both = self.buffer("both", (n * E * H,))
+        both.fill(0.0)
+        np.add.at(both, idx[sel], val[sel])  # summed in order, as np.bincount would
+        return both.reshape(n, E, H)
 
-    def _same_on_rank(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[n, P]`` replicas of each slot's expert on its rank, and whether the slot is
-        the first of them there. Ranks holding an expert twice are rare: only they are
-        compared slot by slot (``spr x spr``), the others are found by sorting."""
+    def _same_on_rank(self, ls: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[n, P]`` replicas of each slot's expert on its rank (from ``held``), and
+        whether the slot is the first of them there. Ranks holding an expert twice are
+        rare: only they are compared slot by slot (``spr x spr``)."""
         n, P = row.shape
-        r3 = row.reshape(n * self.ranks, self.spr)
-        srt = np.sort(r3, axis=-1)
-        dup = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=-1))
-        same = np.ones((n * self.ranks, self.spr), dtype=np.int64)
+        same = self.held_at(ls, row, self.slot_rank)
         first = np.ones((n * self.ranks, self.spr), dtype=bool)
-        eq = r3[dup, :, None] == r3[dup, None, :]
-        same[dup] = eq.sum(axis=-1)
-        first[dup] = ~(eq & np.tril(np.ones((self.spr, self.spr), dtype=bool), -1)).any(axis=-1)
-        return same.reshape(n, P), first.reshape(n, P)
+        dup = np.flatnonzero((same.reshape(n * self.ranks, self.spr) > 1).any(axis=-1))
+        if dup.size:
+            r3 = row.reshape(n * self.ranks, self.spr)[dup]
+            eq = r3[:, :, None] == r3[:, None, :]
+            first[dup] = ~(eq & np.tril(np.ones((self.spr, self.spr), dtype=bool), -1)).any(axis=-1)
+        return same, first.reshape(n, P)
 
     def fill_empty(self) -> None:
         """2. Empty slots (joining ranks) take replicas of the experts with the greatest
@@ -488,75 +560,88 @@ class _Layers:
             if ls.size == 0:
                 return
             e = np.argmax(self.w[ls] / np.maximum(self.cnt[ls], 1), axis=1)
-            row = self.row[ls]
-            free = row < 0
-            holders = (row == e[:, None]).reshape(ls.size, self.ranks, self.spr).any(axis=-1)
-            pref = free & ~holders[:, self.slot_rank]
+            free = self.row[ls] < 0
+            holders = self.held_rows(ls, e[:, None])[:, 0] > 0  # [n, ranks]
+            pref = free & ~self.by_slot(holders)
             free = np.where(pref.any(axis=1, keepdims=True), pref, free)
             rl = self.rank_loads(ls)
-            self._place(ls, np.argmin(np.where(free, rl[:, self.slot_rank], np.inf), axis=1), e)
+            self._place(ls, np.argmin(np.where(free, self.by_slot(rl), np.inf), axis=1), e)
 
     def _peak(self, ls: np.ndarray, rl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The peak rank ``[n]`` of each layer and its slots ``[n, spr]``."""
         hi = np.argmax(rl, axis=1)
         return hi, hi[:, None] * self.spr + np.arange(self.spr)
 
+    def best_moves(self, ls: np.ndarray, rl: np.ndarray, per: np.ndarray) -> tuple[_Move, _Move]:
+        """:meth:`best_replicate` and :meth:`best_swap` of layers ``ls``, a batch of
+        layers at a time (see ``_CHUNK``): each layer's moves are its own."""
+        size = max(1, _CHUNK // (self.spr * self.row.shape[1]))
+        parts = [slice(i, i + size) for i in range(0, ls.size, size)]
+        rep = [self.best_replicate(ls[p], rl[p]) for p in parts]
+        swap = [self.best_swap(ls[p], rl[p], per[p]) for p in parts]
+        return _Move.concat(rep), _Move.concat(swap)
+
     def best_replicate(self, ls: np.ndarray, rl: np.ndarray) -> _Move:
         """Per layer, giving an expert of the peak rank another copy in the place of a
         redundant replica of another expert (``a``: slot, ``b``: expert)."""
+        r = np.arange(ls.size)
         row = self.row[ls]
-        hi, xs = self._peak(ls, rl)
-        h = np.sort(np.take_along_axis(row, xs, 1), axis=1)  # lowest id first, as np.unique
-        usable = np.take_along_axis(self.kept[ls], h, 1)
+        _, xs = self._peak(ls, rl)
+        h = np.sort(_pick(row, xs), axis=1)  # lowest id first, as np.unique
+        usable = _pick(self.kept, h, ls)
         usable[:, 1:] &= h[:, 1:] != h[:, :-1]
-        slots = _true_indices(np.take_along_axis(self.cnt[ls], row, 1) >= 2, row.shape[1])  # redundant
-        excess = np.where(usable[:, :, None], self.excess_after_replacing(ls, h, slots, rl), np.inf)
+        slots = _true_indices(_pick(self.cnt, row, ls) >= 2, row.shape[1])  # redundant
+        excess = self.excess_after_replacing(ls, h, slots, rl, usable)
         slot, j, least = self._least_excess(ls, h, slots, rl, excess)
         gain = _excess(rl) - least
-        expert = h[np.arange(ls.size), j]
-        cost = (row[np.arange(ls.size), slot] == self.carry[ls, slot]).astype(np.int64)  # a changing slot: free
-        return _Move(np.isfinite(gain) & (gain > 0), gain, cost, slot, expert)
+        cost = (row[r, slot] == self.carry[ls, slot]).astype(np.int64)  # a changing slot: free
+        return _Move(np.isfinite(gain) & (gain > 0), gain, cost, slot, h[r, j])
 
     def apply_replicate(self, ls: np.ndarray, move: _Move, sel: np.ndarray) -> None:
         self._place(ls, move.a[sel], move.b[sel])
 
-    def best_swap(self, ls: np.ndarray, rl: np.ndarray) -> _Move:
+    def best_swap(self, ls: np.ndarray, rl: np.ndarray, per: np.ndarray) -> _Move:
         """Per layer, exchanging a slot of the peak rank (``a``) with a slot of another
         rank (``b``), never within the peak rank, never putting a second copy of an
-        expert on a rank, never raising the most disk reads a rank makes.
+        expert on a rank, never raising the most disk reads a rank makes. ``per``
+        ``[n, P]``: :meth:`slot_loads` of the (full) rows of layers ``ls``.
 
-        Every ``[n, spr, P]`` array is built once, in place where it can be: these
-        candidate arrays are the cost of the step."""
+        These ``[n, spr, P]`` candidate arrays are the cost of the step: each is built
+        once and reused in place (a fresh large array costs page faults)."""
         n, r = ls.size, np.arange(ls.size)
         row, carry = self.row[ls], self.carry[ls]
         hi, xs = self._peak(ls, rl)
-        rx = np.take_along_axis(row, xs, 1)
-        gain = self._swap_gain(ls, row, xs, hi, rl)
+        rx = _pick(row, xs)
+        shape = (n, self.spr, row.shape[1])
+        gain = self._swap_gain(per, xs, hi, rl)
         bad = self._swap_not_allowed(ls, row, rx, hi)
+        cost = np.not_equal(row[:, None, :], _pick(carry, xs)[:, :, None], out=self.buffer("cost", shape, np.int8))
+        cost += rx[:, :, None] != carry[:, None, :]
         changed = row != carry
-        cost = np.add(row[:, None, :] != np.take_along_axis(carry, xs, 1)[:, :, None],
-                      rx[:, :, None] != carry[:, None, :], dtype=np.int8)
-        cost -= np.add(np.take_along_axis(changed, xs, 1)[:, :, None], changed[:, None, :], dtype=np.int8)
-        score = np.full(gain.shape, -np.inf)
-        np.divide(gain, np.maximum(cost, 1e-9), out=score, where=(gain > 0) & ~bad)
-        pick = np.argmax(score.reshape(n, -1), axis=1)
-        i, y = pick // row.shape[1], pick % row.shape[1]
+        cost -= _pick(changed, xs)[:, :, None]
+        cost -= changed[:, None, :]
+        score = np.maximum(cost, 1e-9, out=self.buffer("delta", shape))  # _swap_gain's scratch, done with
+        np.divide(gain, score, out=score)
+        skip = np.greater(gain, 0.0, out=self.buffer("skip", shape, np.bool_))
+        np.logical_not(skip, out=skip)
+        skip |= bad
+        np.copyto(score, -np.inf, where=skip)
+        i, y = np.divmod(np.argmax(score.reshape(n, -1), axis=1), row.shape[1])
         g = np.where(bad[r, i, y], -np.inf, gain[r, i, y])
         return _Move(g > 0, g, cost[r, i, y].astype(np.int64), xs[r, i], y)
 
-    def _swap_gain(self, ls: np.ndarray, row: np.ndarray, xs: np.ndarray, hi: np.ndarray,
-                   rl: np.ndarray) -> np.ndarray:
+    def _swap_gain(self, per: np.ndarray, xs: np.ndarray, hi: np.ndarray, rl: np.ndarray) -> np.ndarray:
         """``[n, spr, P]``: the excess the peak rank ``hi`` and slot ``y``'s rank lose
         when peak slot ``xs[:, i]`` and ``y`` swap (the peak sheds ``delta``, ``y``'s
         rank takes it)."""
-        n = ls.size
-        per = self._per_slot(ls, row)
-        delta = np.take_along_axis(per, xs, 1)[:, :, None] - per[:, None, :]
+        n, P = per.shape
+        shape = (n, self.spr, P)
         mean = rl.mean(axis=-1)[:, None, None]
         rh = rl[np.arange(n), hi][:, None, None]
-        ryl = rl[:, self.slot_rank][:, None, :]
+        ryl = self.by_slot(rl)[:, None, :]
         before = np.maximum(rh - mean, 0.0) + np.maximum(ryl - mean, 0.0)
-        after = np.subtract(rh, delta)
+        delta = np.subtract(_pick(per, xs)[:, :, None], per[:, None, :], out=self.buffer("delta", shape))
+        after = np.subtract(rh, delta, out=self.buffer("gain", shape))
         after -= mean
         np.maximum(after, 0.0, out=after)
         y_side = np.add(ryl, delta, out=delta)
@@ -570,28 +655,33 @@ class _Layers:
         an expert on a rank, or would make a rank take more experts without a live
         replica than the most any rank took when they were placed."""
         n, r = ls.size, np.arange(ls.size)
-        # [n, spr, ranks] -> per slot: y's rank holds x's expert
-        x_on = np.repeat((row.reshape(n, 1, self.ranks, self.spr) == rx[:, :, None, None]).any(axis=-1),
-                         self.spr, axis=-1)
-        y_side = (row[:, :, None] == rx[:, None, :]).any(axis=-1)  # the peak rank holds y's expert
+        bad = self.buffer("swap_bad", (n, self.spr, row.shape[1]), np.bool_)
+        # y's rank holds x's expert: [n, spr, ranks] spread over each rank's slots
+        np.copyto(bad.reshape(n, self.spr, self.ranks, self.spr), (self.held_rows(ls, rx) > 0)[..., None])
+        y_side = self.held_at(ls, row, hi[:, None]) > 0  # [n, P]: the peak rank holds y's expert
         y_side |= self.slot_rank[None, :] == hi[:, None]
-        kept = self.kept[ls]
-        hx = ~np.take_along_axis(kept, rx, 1)  # [n, spr]: x's expert has no live replica
-        hy = (~np.take_along_axis(kept, np.maximum(row, 0), 1)).astype(np.int64)  # [n, P]
+        hx = ~_pick(self.kept, rx, ls)  # [n, spr]: x's expert has no live replica
+        hy = (~_pick(self.kept, row, ls)).astype(np.int64)  # [n, P]
         taken, cap = self.taken[ls], self.disk_cap[ls][:, None]
         # the disk rule for hx = 0 and hx = 1, per y; then chosen per (i, y)
-        disk = [(taken[:, self.slot_rank] + d - hy > cap) | (taken[r, hi][:, None] - d + hy > cap) | y_side
+        disk = [(self.by_slot(taken) + d - hy > cap) | (taken[r, hi][:, None] - d + hy > cap) | y_side
                 for d in (0, 1)]
-        return x_on | np.where(hx[:, :, None], disk[1][:, None, :], disk[0][:, None, :])
+        np.logical_or(bad, disk[0][:, None, :], out=bad, where=~hx[:, :, None])
+        np.logical_or(bad, disk[1][:, None, :], out=bad, where=hx[:, :, None])
+        return bad
 
     def apply_swap(self, ls: np.ndarray, move: _Move, sel: np.ndarray) -> None:
         x, y = move.a[sel], move.b[sel]
-        kept = self.kept[ls]
-        hx = (~kept[np.arange(ls.size), self.row[ls, x]]).astype(np.int64)
-        hy = (~kept[np.arange(ls.size), self.row[ls, y]]).astype(np.int64)
-        np.add.at(self.taken, (ls, x // self.spr), hy - hx)
-        np.add.at(self.taken, (ls, y // self.spr), hx - hy)
-        self.row[ls, x], self.row[ls, y] = self.row[ls, y], self.row[ls, x].copy()
+        ex, ey = self.row[ls, x], self.row[ls, y]
+        hx, hy = (~self.kept[ls, ex]).astype(np.int64), (~self.kept[ls, ey]).astype(np.int64)
+        rx, ry = x // self.spr, y // self.spr
+        self.taken[ls, rx] += hy - hx
+        self.taken[ls, ry] += hx - hy
+        self.held[ls, ex, rx] -= 1
+        self.held[ls, ex, ry] += 1
+        self.held[ls, ey, ry] -= 1
+        self.held[ls, ey, rx] += 1
+        self.row[ls, x], self.row[ls, y] = ey, ex
 
 
 _POLICIES: dict[str, type[RebalancePolicy]] = {
