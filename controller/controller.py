@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from elastic_ep.errors import (
@@ -40,7 +40,9 @@ from controller.election import LeaderElection
 from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, call, connect
 from controller.metrics import ControllerMetrics
-from controller.records import AckRecord, CommitRecord, PlanRecord
+from controller.records import AckRecord, CommitRecord, PlanRecord, RoutingRecord, member_id
+from controller.probe import probe
+from controller.suspicion import judge
 from controller.view import ClusterView, ParseCache, read_view
 from controller.watch import KeyWatch
 
@@ -66,6 +68,12 @@ class ControllerConfig:
     policy: str = "min_migration"
     policy_options: dict[str, Any] = field(default_factory=dict)
     settle_s: float = 1.0
+    confirm_settle_s: float = 0.05
+    """Settle window after deaths the controller confirmed (see :mod:`controller.suspicion`)."""
+    suspect_quorum: int = 2
+    """Distinct reporters whose suspicions confirm a death without a probe."""
+    probe_timeout_s: float = 0.2
+    """The controller's own probe of a suspect: a heartbeat byte within this long."""
     leader_ttl_s: int = 3
     ack_timeout_s: float = 300.0
     resync_s: float = 0.5
@@ -77,6 +85,7 @@ class ControllerConfig:
         """The part of this configuration that decisions depend on."""
         return DecideConfig(
             self.model, leader=self.id, min_ranks=self.min_ranks, settle_s=self.settle_s,
+            confirm_settle_s=self.confirm_settle_s,
             ack_timeout_s=self.ack_timeout_s, imbalance_threshold=self.imbalance_threshold,
             rebalance_cooldown_s=self.rebalance_cooldown_s, max_joiners_per_plan=self.max_joiners_per_plan,
             policy=get_policy(self.policy, **self.policy_options),
@@ -102,6 +111,7 @@ class Controller:
         self._reported: dict[str, int] = {}  # key -> mod revision of the bad value last reported
         self._now_bad: dict[str, int] = {}
         self._parsed: ParseCache = {}
+        self._probed: dict[str, float] = {}  # suspect -> when it last answered a probe
         self.watch: KeyWatch | None = None
         self.client: Any = None
         self.election: LeaderElection | None = None
@@ -116,11 +126,11 @@ class Controller:
     def _attach(self, client: Any) -> None:
         self.client = client
         self.election = LeaderElection(client, f"{self.root}/leader", self.cfg.id, self.cfg.leader_ttl_s)
-        # Only what drives decisions: membership, the plan head, acks and the commit;
-        # not loads (the resync looks at imbalance), nor execution scratch, nor chunks.
+        # Only what drives decisions: membership, suspicions, the plan head, acks and the
+        # commit; not loads (the resync looks at imbalance), nor execution scratch, nor chunks.
         r = self.root
         self.watch = KeyWatch(client, self._wake, keys=[f"{r}/{k}" for k in ("plan", "committed", "epoch", "leader")],
-                              prefixes=[f"{r}/ranks/", f"{r}/acks/"])
+                              prefixes=[f"{r}/ranks/", f"{r}/acks/", f"{r}/suspects/"])
 
     def _connected(self) -> LeaderElection:
         """The election, connecting first if etcd was unreachable so far; the watch is
@@ -211,6 +221,56 @@ class Controller:
                  {k: round(v, 3) for k, v in phases.items()})
         return c
 
+    def confirm(self, view: ClusterView) -> frozenset[str]:
+        """Judge the suspicions in ``view``, probing a lone reporter's suspect (at most
+        once a second per suspect), and revoke the leases of the members confirmed
+        dead. Returns their tokens."""
+        j = judge(view, self.cfg.suspect_quorum)
+        confirmed = dict(j.confirmed)
+        now = time.monotonic()
+        for target, address in j.probe.items():
+            if now - self._probed.get(target, -1e9) < 1.0:
+                continue
+            alive, why = probe(address, self.cfg.probe_timeout_s)
+            if alive:
+                self._probed[target] = now
+                log.info("epoch %d: %s is suspected, but answered the controller's probe", view.epoch, target)
+            else:
+                confirmed[target] = f"suspected, and the controller's probe of {address} failed: {why}"
+        done = set()
+        for target, why in confirmed.items():
+            lease = view.leases.get(member_id(target))
+            if lease is None:
+                continue
+            log.warning("epoch %d: %s confirmed dead (%s); revoking its lease", view.epoch, target, why)
+            try:
+                call(self.client.revoke_lease, f"revoke lease {lease:x}", lease)
+            except EtcdUnavailableError as e:  # gone already, or etcd away: the next pass sees which
+                log.warning("epoch %d: %s", view.epoch, e)
+                continue
+            self.metrics.confirmed.labels(how="self" if "itself" in why else "quorum" if "ranks" in why
+                                          else "probe").inc()
+            done.add(target)
+        return frozenset(done)
+
+    def mask(self, view: ClusterView, dead: frozenset[str]) -> None:
+        """Coverage before balance: publish, for the committed epoch, the members to
+        route around (``routing``), fenced like every write of the leader, so that
+        serving stops sending tokens to dead ranks before any weight moves."""
+        c = view.committed
+        if c is None or not dead & set(c.members):
+            return
+        before = set(view.routing.dead) if view.routing is not None and view.routing.epoch == c.epoch else set()
+        rec = RoutingRecord(c.epoch, sorted(before | (dead & set(c.members))))
+        tx = self.client.transactions
+        try:
+            self._fenced(view.epoch_revision, [tx.put(f"{self.root}/routing", rec.to_json())],
+                         f"mask routing of epoch {c.epoch}")
+        except EpochMovedError as e:  # a publish beat it: the plan covers the change anyway
+            log.info("%s", e)
+            return
+        log.warning("epoch %d: routing around %s until the next commit", c.epoch, rec.dead)
+
     def revoke(self, action: Action) -> None:
         """Fence the participants an ACK_TIMEOUT names: revoking a lease deletes the
         rank's keys at once; its agent sees the lease gone and registers again."""
@@ -225,9 +285,15 @@ class Controller:
 
     # -- acting ----------------------------------------------------------------------
     def step(self) -> Action:
-        """One reconcile pass as leader: read, decide, act. Returns the action taken."""
+        """One reconcile pass as leader: read, confirm suspicions (fencing the
+        confirmed, then reading again), decide, act. Returns the action taken."""
         view = self.view()
         self._epoch = view.epoch
+        confirmed = self.confirm(view)
+        if confirmed:
+            self._memory = replace(self._memory, confirmed=self._memory.confirmed | confirmed)
+            self.mask(view, confirmed)
+            view = self.view()
         self.metrics.members(view.ranks.values())
         now = time.monotonic()
         action = decide(view, self._memory, self._rules, now)
@@ -270,7 +336,7 @@ class Controller:
         """Seconds to wait for a watch event before the next pass: a settle window is
         looked at a few times per window, so that it closes on time."""
         if kind is Kind.SETTLING:
-            return min(self.cfg.resync_s, self.cfg.settle_s / 4)
+            return min(self.cfg.resync_s, self.cfg.settle_s / 4, max(self.cfg.confirm_settle_s, 0.01))
         return self.cfg.resync_s
 
     # -- the loop --------------------------------------------------------------------

@@ -91,6 +91,9 @@ class DecideConfig:
     next plan); a bootstrap takes at most ``max(min_ranks, max_joiners_per_plan)``
     ranks. Bounds the cost of one plan whatever registers."""
     settle_s: float = 1.0
+    confirm_settle_s: float = 0.05
+    """The settle window of a change whose dead members were all confirmed by
+    :mod:`controller.suspicion` (their deaths are known, not inferred from a lease)."""
     ack_timeout_s: float = 300.0
     imbalance_threshold: float = 0.0
     """Rebalance when mean/max rank load falls below this (0 disables)."""
@@ -129,6 +132,9 @@ class Memory:
     sent: Mapping[int, float] = field(default_factory=dict)
     """epoch -> when its plan went out: its transfer phase starts."""
     phases: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    confirmed: frozenset[str] = frozenset()
+    """Members whose deaths the controller confirmed (their leases revoked) since the
+    last plan went out."""
     """epoch -> seconds of its detect and plan phases, for its commit record."""
 
     def plan_sent(self, epoch: int, at: float, plan_s: float | None = None) -> Memory:
@@ -398,7 +404,10 @@ def _reconcile(ps: _Pass, base: _Base, memory: Memory) -> Action:
     if change:
         if memory.detected_at is None:
             memory = replace(memory, detected_at=ps.now)
-        settled, memory = _settle(memory, change.signature, ps.now, ps.cfg.settle_s)
+        dead = {base.members[i] for i in change.dead}
+        confirmed = bool(dead) and dead <= memory.confirmed and not change.leaving and not change.joining
+        settled, memory = _settle(memory, change.signature, ps.now,
+                                  ps.cfg.confirm_settle_s if confirmed else ps.cfg.settle_s)
         reason = change.describe(base.members)
         # A plan in flight that lost a participant is replaced at once: waiting would
         # only delay the ranks already waiting on it.
@@ -441,7 +450,8 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
                    + [view.ranks[r].token for r in change.joining])
     rec = PlanRecord(view.epoch + 1, ps.cfg.leader, list(members), new_members, plan, new, reason)
     detect = ps.now - memory.detected_at if memory.detected_at is not None else 0.0
-    memory = replace(memory, seen=None, shortage=None, detected_at=None, phases={rec.epoch: {"detect": detect}})
+    memory = replace(memory, seen=None, shortage=None, detected_at=None, phases={rec.epoch: {"detect": detect}},
+                     confirmed=frozenset())
     return ps.act(Kind.PUBLISH, memory, epoch=rec.epoch, record=rec, reason=reason)
 
 

@@ -35,6 +35,8 @@ class ControllerMetrics:
         self.malformed_now = Gauge("elastic_ep_malformed_values_now", "Values left out of the last read", registry=r)
         self.revoked = Counter("elastic_ep_revoked_leases",
                                "Rank leases revoked because their acks were overdue (the controller's fence)", registry=r)
+        self.confirmed = Counter("elastic_ep_confirmed_deaths", "Suspected ranks confirmed dead and fenced",
+                                 ["how"], registry=r)
         self.pass_errors = Counter("elastic_ep_reconcile_errors", "Reconcile passes that failed and were retried",
                                    registry=r)
         self.etcd_errors = Counter("elastic_ep_etcd_unavailable", "Times etcd could not be reached", registry=r)

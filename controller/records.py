@@ -8,12 +8,14 @@ key                          value                                              
 ``ranks/<id>``               :class:`RankRecord`, under the rank's lease        that rank    16 KiB
 ``load/<id>``                :class:`LoadRecord`, under the rank's lease        that rank    4 MiB
 ``acks/<id>``                :class:`AckRecord` of its newest plan              that rank    64 KiB
+``suspects/<id>/<target>``   :class:`SuspectRecord`, under the reporter's lease  that rank    4 KiB
 ``store/...``                scratch of plan execution (barriers, endpoints)    ranks        (not read)
 ``leader``                   the leader controller's id (with its lease)        controllers  256 B
 ``epoch``                    the newest published epoch, decimal                leader       24 B
 ``plan``                     the head of a :class:`PlanRecord`                  leader       1 MiB
 ``plans/<epoch>/<nonce>/..`` the plan's chunks (:mod:`controller.plan_chunks`)  leader       512 KiB
 ``committed``                :class:`CommitRecord`                              leader       1 MiB
+``routing``                  :class:`RoutingRecord`: members to route around    leader       64 KiB
 ===========================  =================================================  ===========  ==========
 
 Sizes follow the deployment, not the plan: placements are packed
@@ -55,8 +57,9 @@ SCHEMA = 1
 STATES = ("joining", "active", "draining")
 
 KiB, MiB = 1 << 10, 1 << 20
-MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "acks": 64 * KiB, "leader": 256, "epoch": 24,
-             "plan": 1 * MiB, "committed": 1 * MiB, "chunk": 512 * KiB}
+MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "acks": 64 * KiB, "suspects": 4 * KiB, "leader": 256, "epoch": 24,
+             "plan": 1 * MiB, "committed": 1 * MiB, "chunk": 512 * KiB,
+             "routing": 64 * KiB}
 """The largest raw value read per key kind: a registration is a few hundred bytes, a
 load window of DeepSeek-V3 (58 x 256 numbers) about 300 KB, a plan head for 320 ranks
 of DeepSeek-V3 under 200 KB. A larger value is refused before it is decoded."""
@@ -392,6 +395,58 @@ class LoadRecord:
                   f.by_name("served", number=False), f.integers("epochs", 0, MAX_EPOCH, 4096, []))
         f.suffix(rec.id)
         return rec
+
+
+SUSPICIONS = ("closed", "silent", "self")
+
+
+@dataclass(frozen=True)
+class SuspectRecord:
+    """A rank's report that member ``target`` may be dead: ``kind`` is ``closed`` (its
+    liveness connection was refused, reset or closed: the process is gone), ``silent``
+    (no heartbeat within the tolerance: hung, stopped or cut off) or ``self`` (the
+    target reports itself broken, e.g. a CUDA error). Written by ``reporter`` under its
+    own lease at ``suspects/<reporter id>/<target id>``.
+    Example: ``SuspectRecord("r1#b", "r2#c", "closed", "connection reset")``."""
+
+    reporter: str
+    target: str
+    kind: str
+    detail: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": SCHEMA, **asdict(self)})
+
+    @classmethod
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "SuspectRecord":
+        f = _record(key, raw, "suspects", revision)
+        rec = cls(f.text("reporter", ident="token"), f.text("target", ident="token"), f.choice("kind", SUSPICIONS),
+                  f.text("detail", 1024, ""))
+        parts = key.rsplit("/", 2)
+        if parts[-2:] != [member_id(rec.reporter), member_id(rec.target)]:
+            raise f.bad(f"holds the report of {member_id(rec.reporter)!r} on {member_id(rec.target)!r}; it belongs "
+                        f"at suspects/{member_id(rec.reporter)}/{member_id(rec.target)}")
+        if (rec.kind == "self") != (rec.reporter == rec.target):
+            raise f.bad("kind 'self' is a rank's report on itself, and only that")
+        return rec
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """Coverage before balance: members of committed epoch ``epoch`` confirmed dead,
+    whose slots serving must route around until the next commit (the engine's maps
+    become :meth:`ExpertPlacement.masked`). Example: ``RoutingRecord(3, ["r1#b"])``."""
+
+    epoch: int
+    dead: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": SCHEMA, **asdict(self)})
+
+    @classmethod
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "RoutingRecord":
+        f = _record(key, raw, "routing", revision)
+        return cls(f.integer("epoch", 0, MAX_EPOCH), f.tokens("dead"))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ The key layout under ``root = <prefix>/<deployment>`` and who writes it::
     <root>/ranks/<id>              rank <id> (its registration, under its lease)
     <root>/load/<id>               rank <id> (its expert load window)
     <root>/acks/<id>               rank <id> (its ack of the newest plan, epoch inside)
+    <root>/suspects/<id>/...       rank <id> (its reports on peers, under its lease)
     <root>/store/...               every rank (barrier keys, heartbeats, endpoints)
     <root>/leader, epoch, plan, plans/..., committed    controllers only
 
@@ -92,6 +93,7 @@ def auth_layout(root: str, rank_ids: list[str], role_prefix: str = "elastic-ep")
             Grant("readwrite", f"{top}ranks/{rid}"),
             Grant("readwrite", f"{top}load/{rid}"),
             Grant("readwrite", f"{top}acks/{rid}"),
+            Grant("readwrite", f"{top}suspects/{rid}/", prefix=True),
             Grant("readwrite", f"{top}store/", prefix=True),
         )))
     return roles

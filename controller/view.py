@@ -15,7 +15,8 @@ from typing import Any, Callable
 from controller import plan_chunks
 from controller.etcd_client import call, read_ranges
 from controller.records import (
-    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_id, parse_epoch, parse_leader,
+    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id, parse_epoch,
+    parse_leader,
 )
 from elastic_ep.errors import ElasticEPError, MalformedValueError
 
@@ -50,6 +51,10 @@ class ClusterView:
     epoch_revision: int = 0
     """The ``epoch`` key's mod revision as read (0: absent), whatever its value: every
     fenced write of the leader requires it unchanged."""
+    routing: RoutingRecord | None = None
+    """Members of the committed epoch that serving routes around until the next commit."""
+    suspects: list[SuspectRecord] = field(default_factory=list)
+    """Reports that a live member may be dead, by live reporters (see :mod:`controller.suspicion`)."""
     plan_error: str = ""
     """Why the plan's chunks could not be read whole, when that was asked and failed."""
     load_reader: Callable[[], dict[str, LoadRecord]] | None = field(default=None, repr=False, compare=False)
@@ -84,10 +89,10 @@ OnMalformed = Callable[[str, MalformedValueError], None]
 ParseCache = dict[tuple[str, int], Any]
 """(key, mod revision) -> its record, or the MalformedValueError it raised: a value at a
 mod revision never changes, so a reader that keeps the cache parses each value once."""
-_PREFIXES = ("ranks", "acks")
+_PREFIXES = ("ranks", "acks", "suspects")
 LOAD_PAGE = 8
 """Load windows per ranged read: 8 DeepSeek-V3 or Kimi-K2 windows stay well under 1 MiB."""
-_KEYS = ("epoch", "plan", "committed", "leader")
+_KEYS = ("epoch", "plan", "committed", "leader", "routing")
 
 
 class _Reader:
@@ -156,7 +161,7 @@ def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
     Raises only :class:`~elastic_ep.errors.EtcdUnavailableError` (or ``PermissionError``)
     when etcd cannot be read.
     """
-    ranks, acks, epoch, plan, committed, leader = _read(client, root, cache)
+    ranks, acks, suspects, epoch, plan, committed, leader, routing = _read(client, root, cache)
     view = ClusterView()
     r = _Reader(view, on_malformed, cache)
     _read_ranks(r, f"{root}/ranks/", ranks)
@@ -170,12 +175,15 @@ def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
         view.committed = r.parse(CommitRecord.parse, value, meta)
     for value, meta in leader:
         view.leader = r.parse(parse_leader, value, meta)
+    for value, meta in routing:
+        view.routing = r.parse(RoutingRecord.parse, value, meta)
     view.epoch = max([view.epoch] + [rec.epoch for rec in (view.plan, view.committed) if rec is not None])
     if view.plan is not None:
         for value, meta in acks:
             a = r.owned(AckRecord.parse, f"{root}/acks/", value, meta, lambda x: member_id(x.id))
             if a is not None and a.epoch == view.plan.epoch:
                 view.acks[a.id] = a
+    _read_suspects(r, f"{root}/suspects/", suspects)
     if cache is not None:
         cache.clear()
         cache.update(r.used)
@@ -237,6 +245,21 @@ def _read_loads(r: _Reader, client: Any, prefix: str) -> dict[str, LoadRecord]:
         if not resp.more or not resp.kvs:
             return out
         start = resp.kvs[-1].key + b"\0"
+
+
+def _read_suspects(r: _Reader, prefix: str, kvs: list[tuple[bytes, Any]]) -> None:
+    """Suspicions between live members, each under its reporter's current lease (a
+    report outlives neither its reporter nor the target's incarnation)."""
+    view = r.view
+    for value, meta in kvs:
+        rec = r.parse(SuspectRecord.parse, value, meta)
+        if rec is None:
+            continue
+        reporter = member_id(rec.reporter)
+        if not view.is_live(rec.reporter) or meta.lease_id != view.leases.get(reporter):
+            continue  # its reporter is gone or registered again: the report went with it
+        if view.is_live(rec.target):
+            view.suspects.append(rec)
 
 
 def _read_ranks(r: _Reader, prefix: str, kvs: list[tuple[bytes, Any]]) -> None:

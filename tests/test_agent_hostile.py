@@ -26,7 +26,7 @@ import pytest
 
 from controller.etcd_client import EtcdConfig, connect
 from controller import plan_chunks
-from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord
+from controller.records import AckRecord, CommitRecord, PlanRecord, RankRecord, RoutingRecord
 from elastic_ep.core.placement import ExpertPlacement, initial_placement
 from elastic_ep.core.plan import build_plan
 from elastic_ep.core.rank_mapping import RankMapping
@@ -607,3 +607,27 @@ def test_the_run_loop_outlives_bad_values_and_failing_passes(dep, agents, caplog
     finally:
         stop.set()
         t.join(5)
+
+
+def test_routing_around_dead_members_reaches_the_engine_and_a_forged_one_hides_no_live_rank(dep, agents):
+    a = make_agent(dep, agents)
+    got: list[tuple[int, list[int]]] = []
+    a.on_routing = lambda placement, rank, dead: got.append((rank, dead))
+    a.register()
+    b = make_agent(dep, agents, "r1")
+    b.register()
+    boot = bootstrap(1, [a.token, b.token, "ghost#0000", "ghost2#0000"])
+    dep.publish(boot)
+    assert a.poll_once() == "acked" and b.poll_once() == "acked"
+    dep.commit(boot)
+    assert a.poll_once() == "committed as rank 0"
+    # A routing record naming r1, which is registered: refused.
+    dep.client.put(dep.key("routing"), RoutingRecord(1, [b.token]).to_json())
+    assert a.poll_once() == "idle" and got == []
+    # The ghost never registered (a confirmed death): its slots are routed around.
+    dep.client.put(dep.key("routing"), RoutingRecord(1, ["ghost#0000"]).to_json())
+    assert a.poll_once() == "routing around ranks [2]" and got == [(0, [2])]
+    assert a.poll_once() == "idle" and len(got) == 1, "once per value"
+    masked = boot.placement.masked([2])
+    assert (masked.phy2log[:, 4:6] == -1).all() and (masked.phy2log[:, :4] == boot.placement.phy2log[:, :4]).all()
+    assert masked.logcnt.sum() == boot.placement.logcnt.sum() - 2 * LAYERS

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import (
-    MAX_BYTES, MAX_DEPTH, AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, json_depth, load_json,
+    MAX_BYTES, MAX_DEPTH, AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, json_depth, load_json,
     member_token, parse_epoch, parse_leader,
 )
 from controller.view import ClusterView, read_view
@@ -39,15 +39,19 @@ VALID: dict[str, Any] = {
     "ranks/r0": RankRecord("r0", "h", "cuda:0", "n0", "active", {"transport": "torch"}, 42, "a"),
     "load/r0": LoadRecord("r0", [[1.0, 2.0, 0.0, 3.0]] * 2, 10.0, {"ok": 3, "bad": 0}, [1, 2]),
     "acks/r0": AckRecord(2, "r0#a", True, {"peer": 2048}, {"transfer": 0.25}, "", 0),
+    "suspects/r0/r1": SuspectRecord("r0#a", "r1#a", "closed", "connection reset"),
+    "routing": RoutingRecord(3, ["r1#a"]),
     "plan": _plan_record(),
     "committed": CommitRecord(1, ["r0#a", "r1#a", "r2#a"], initial_placement(2, 8, 3, 4), {"transfer": 1.0},
                               {"disk": 4096}),
 }
 PARSERS: dict[str, Callable[..., Any]] = {
     "ranks/r0": RankRecord.parse, "load/r0": LoadRecord.parse, "acks/r0": AckRecord.parse,
-    "plan": PlanRecord.parse, "committed": CommitRecord.parse, "epoch": parse_epoch, "leader": parse_leader,
+    "suspects/r0/r1": SuspectRecord.parse, "plan": PlanRecord.parse, "routing": RoutingRecord.parse, "committed": CommitRecord.parse, "epoch": parse_epoch, "leader": parse_leader,
 }
-TYPES = {"ranks/r0": RankRecord, "load/r0": LoadRecord, "acks/r0": AckRecord, "plan": PlanRecord,
+TYPES = {"ranks/r0": RankRecord, "load/r0": LoadRecord, "acks/r0": AckRecord, "suspects/r0/r1": SuspectRecord,
+         "routing": RoutingRecord,
+         "plan": PlanRecord,
          "committed": CommitRecord, "epoch": int, "leader": str}
 
 
@@ -193,7 +197,7 @@ def test_size_and_depth_are_checked_before_decoding() -> None:
     for name, cap in MAX_BYTES.items():
         if name == "chunk":  # read with its digest checked first: tests/test_plan_chunks.py
             continue
-        key = {"ranks": "ranks/r0", "load": "load/r0", "acks": "acks/r0"}.get(name, name)
+        key = {"ranks": "ranks/r0", "load": "load/r0", "acks": "acks/r0", "suspects": "suspects/r0/r1"}.get(name, name)
         with pytest.raises(MalformedValueError, match="bytes, more than|not a"):
             PARSERS[key](f"{ROOT}/{key}", b"1" * (cap + 1))
     with pytest.raises(MalformedValueError, match="nested"):

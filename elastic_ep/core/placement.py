@@ -105,6 +105,22 @@ class ExpertPlacement:
         s = rank * self.slots_per_rank
         return self.phy2log[:, s : s + self.slots_per_rank]
 
+    def masked(self, ranks: list[int]) -> "ExpertPlacement":
+        """This placement with every slot of ``ranks`` emptied (``-1``): its ``log2phy``
+        and ``logcnt`` route around those ranks, and a logical expert whose count drops
+        to 0 has no live replica (:meth:`unavailable`). Not a placement to plan from:
+        :meth:`validate` refuses it. Example: ``p.masked([1]).logcnt`` counts only the
+        replicas outside rank 1."""
+        phy2log = self.phy2log.copy()
+        for r in ranks:
+            if 0 <= r < self.ep_size:
+                phy2log[:, r * self.slots_per_rank:(r + 1) * self.slots_per_rank] = -1
+        return ExpertPlacement(phy2log, self.slots_per_rank, self.num_logical)
+
+    def unavailable(self) -> list[list[int]]:
+        """Per layer, the logical experts with no replica (after :meth:`masked`)."""
+        return [np.flatnonzero(row == 0).tolist() for row in self.logcnt]
+
     # -- derived maps ------------------------------------------------------------------
     @property
     def logcnt(self) -> np.ndarray:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import socket
 import threading
@@ -58,11 +59,12 @@ import numpy as np
 from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, call, connect, read_ranges
 from controller.records import (
-    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, member_token, parse_epoch, parse_leader,
+    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id,
+    member_token, parse_epoch, parse_leader,
 )
 from controller.store import EtcdStore
-from controller.watch import KeyWatch
 from controller.view import parse_value
+from controller.watch import KeyWatch
 
 from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import TransferPlan
@@ -75,6 +77,7 @@ from elastic_ep.errors import (
     PlanError,
 )
 from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.liveness import LivenessServer, PeerMonitor, monitored_peers
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,14 @@ class AgentConfig:
     """A member waits on etcd watches of the keys it acts on (plan, committed, leader,
     its own registration); with no event it reads them again after this long."""
     endpoint: dict[str, Any] = field(default_factory=dict)
+    liveness_host: str = "127.0.0.1"
+    """Where this rank's liveness endpoint listens (its address goes into the
+    registration); "" runs none, and peers then cannot report on this rank."""
+    heartbeat_s: float = 0.1
+    """The interval of liveness heartbeats, sent and expected (a crash is seen at once
+    whatever it is: the kernel closes the dead process's sockets)."""
+    stall_tolerance_s: float = 1.0
+    """A watched peer silent this long is reported as suspect (a crash is reported at once)."""
     load_period_s: float = 2.0
     """How often the load window is published (when the agent has a load source)."""
     retry_s: float = 0.25
@@ -259,10 +270,26 @@ class RankAgent:
         self._retry = _Retry(cfg.retry_s, cfg.retry_max_s)
         self._parsed: dict[str, tuple[int, Any]] = {}  # key name -> (mod revision, parsed value)
         self._last_read: Read | None = None
+        self._init_peers()
         self._wake = threading.Event()
         self.watch = KeyWatch(self.client, self._wake,
-                              keys=[f"{self.root}/{n}" for n in ("plan", "committed", "leader")] + [self.key])
+                              keys=[f"{self.root}/{n}" for n in ("plan", "committed", "leader", "routing")] + [self.key])
         self._reported: dict[str, int] = {}  # key name -> the revision last logged as bad
+
+    def _init_peers(self) -> None:
+        """What this rank knows of its peers: its liveness endpoint and monitor, the
+        members of its last commit, the routing applied."""
+        cfg = self.cfg
+        self.liveness = LivenessServer(cfg.liveness_host, 0, cfg.heartbeat_s) if cfg.liveness_host else None
+        self.monitor: PeerMonitor | None = None
+        self._liveness_started = False
+        self.on_routing: Callable[[ExpertPlacement, int, list[int]], None] | None = None
+        """``(placement, rank, dead ranks)``: route around those ranks' slots until the
+        next commit (set after construction, like :attr:`on_fence`)."""
+        self._members: list[str] = []  # of the last commit this rank is part of
+        self._routed_rev = 0
+        self.suspected: list[tuple[str, str, str]] = []
+        """(target token, kind, detail) of every suspicion reported, in order."""
 
     @property
     def token(self) -> str:
@@ -302,8 +329,11 @@ class RankAgent:
                 self.left.set()
 
     def _record(self, state: AgentState) -> RankRecord:
+        endpoint = dict(self.cfg.endpoint)
+        if self.liveness is not None:
+            endpoint["liveness"] = self.liveness.address
         return RankRecord(self.cfg.id, socket.gethostname(), self.cfg.device, self.cfg.node,
-                          state.record_state or "", self.cfg.endpoint, os.getpid(), self.incarnation)
+                          state.record_state or "", endpoint, os.getpid(), self.incarnation)
 
     def _put_record(self, state: AgentState, registering: bool) -> None:
         """Write this incarnation's record in ``state``, fenced on who holds the key.
@@ -367,6 +397,9 @@ class RankAgent:
         :class:`DuplicateRankError` when another live process holds this rank's id."""
         if self.preflight is not None:
             self.preflight()
+        if self.liveness is not None and not self._liveness_started:
+            self.liveness.start()
+            self._liveness_started = True
         with self._state_lock:
             previous = (self.incarnation, self.lease)
             sent = time.monotonic()
@@ -482,19 +515,22 @@ class RankAgent:
         epoch, leader and committed kept the mod revisions of the last read, only the
         rank's own key comes back (an idle pass moves a few hundred bytes, not the plan
         head and commit)."""
-        names = ("plan", "epoch", "leader", "committed", f"ranks/{self.cfg.id}")
+        names = ("plan", "epoch", "leader", "committed", "routing", f"ranks/{self.cfg.id}")
         keys = [f"{self.root}/{n}" for n in names]
+        shared = len(names) - 1  # the keys every rank reads; the last is its own
         last = self._last_read
         if last is None:
             got = read_ranges(self.client, f"read {self.root}", [], keys)
         else:
             tx = self.client.transactions
-            same = [tx.mod(k) == (last[n][1] if last[n] is not None else 0) for n, k in zip(names[:4], keys[:4])]
+            same = [tx.mod(k) == (last[n][1] if last[n] is not None else 0)
+                    for n, k in zip(names[:shared], keys[:shared])]
             unchanged, responses = call(self.client.transaction, f"read {self.root}", compare=same,
-                                        success=[tx.get(keys[4])], failure=[tx.get(k) for k in keys])
+                                        success=[tx.get(keys[-1])], failure=[tx.get(k) for k in keys])
             got = [list(r) for r in responses]
             if unchanged:
-                got = [[(v[0], _Meta(v[1], v[2]))] if v is not None else [] for v in (last[n] for n in names[:4])] + got
+                got = [[(v[0], _Meta(v[1], v[2]))] if v is not None else []
+                       for v in (last[n] for n in names[:shared])] + got
         read = {n: (kvs[0][0], kvs[0][1].mod_revision, kvs[0][1].create_revision) if kvs else None
                 for n, kvs in zip(names, got)}
         self._last_read = read
@@ -616,7 +652,7 @@ class RankAgent:
         c = self._commit_to_run(read)
         if c is not None:
             return self._on_commit(c)
-        return "idle"
+        return self._apply_routing(read) or "idle"
 
     def _on_plan(self, rec: PlanRecord) -> str:
         if self.token not in rec.participants():
@@ -710,6 +746,8 @@ class RankAgent:
                     self._transition(AgentState.ACTIVE, f"committed as rank {self.rank}")
             if self.on_commit is not None:
                 self.on_commit(c.placement, self.rank)
+            self._members = list(c.members)
+            self._watch_peers(c.members)
             return f"committed as rank {self.rank}"
         if self.state is AgentState.DRAINING and self.last_epoch >= c.epoch:
             # Revoking the lease deletes the rank's keys, and only while they are its own.
@@ -721,6 +759,77 @@ class RankAgent:
             self._stop.set()
             return "left"
         return "not a member"
+
+    # -- coverage before balance -----------------------------------------------------
+    def _apply_routing(self, read: Read) -> str:
+        """Hand the engine a routing around committed members confirmed dead
+        (``routing`` of this rank's committed epoch), once per value, and only for
+        members whose registration is verifiably gone: a forged record can hide no live
+        rank. "" when there is nothing new to apply."""
+        r, rev = self._value(read, "routing", RoutingRecord.parse)
+        if r is None or rev == self._routed_rev or self.on_routing is None:
+            return ""
+        if self.placement is None or self.rank is None or r.epoch != self.committed_epoch:
+            return ""
+        self._routed_rev = rev
+        dead = [t for t in r.dead if t in self._members and t != self.token]
+        keys = [f"{self.root}/ranks/{member_id(t)}" for t in dead]
+        live = []
+        for t, key, kvs in zip(dead, keys, read_ranges(self.client, "read masked ranks", [], keys)):
+            rec = parse_value(RankRecord.parse, key, kvs[0][0], 0) if kvs else None
+            if isinstance(rec, RankRecord) and rec.token == t:
+                live.append(t)
+        if live:
+            self._report("routing", rev, f"ignoring {self.root}/routing (revision {rev}): {live} are still registered")
+            return ""
+        ranks = [self._members.index(t) for t in dead]
+        self.on_routing(self.placement, self.rank, ranks)
+        return f"routing around ranks {ranks}"
+
+    # -- peer liveness ---------------------------------------------------------------
+    def _watch_peers(self, members: list[str]) -> None:
+        """Watch the liveness of this rank's peers among ``members`` (ring neighbours
+        and same-node ranks: :func:`~elastic_ep.runtime.liveness.monitored_peers`),
+        after dropping its reports on the last membership."""
+        if self.liveness is None:
+            return
+        call(self.client.delete_prefix, "clear suspicions", f"{self.root}/suspects/{self.cfg.id}/")
+        records = [parse_value(RankRecord.parse, m.key.decode(), v, m.mod_revision)
+                   for v, m in call(self.client.get_prefix, "read ranks", f"{self.root}/ranks/")]
+        known = {r.token: r for r in records if isinstance(r, RankRecord)}
+        nodes = {t: r.node for t, r in known.items()}
+        peers = monitored_peers(members, self.token, nodes)
+        wanted = {t: known[t].endpoint["liveness"] for t in peers
+                  if t in known and isinstance(known[t].endpoint.get("liveness"), str)}
+        if self.monitor is None:
+            misses = max(1, math.ceil(self.cfg.stall_tolerance_s / self.cfg.heartbeat_s))
+            self.monitor = PeerMonitor(self._on_suspect, self.cfg.heartbeat_s, misses)
+        self.monitor.watch(wanted)
+
+    def _on_suspect(self, target: str, kind: str, detail: str) -> None:
+        """A watched peer looks dead: say so under this rank's lease (the controller
+        confirms; one report evicts no one). Runs on the monitor thread."""
+        lease = self.lease
+        self.suspected.append((target, kind, detail))
+        if lease is None or self.state not in _MEMBER_STATES:
+            return
+        log.warning("rank %s epoch %d: peer %s looks dead (%s: %s); reporting it", self.token, self.last_epoch,
+                    target, kind, detail)
+        rec = SuspectRecord(self.token, target, kind, detail[:1000])
+        call(self.client.put, f"report {target}", f"{self.root}/suspects/{self.cfg.id}/{member_id(target)}",
+             rec.to_json(), lease=lease)
+
+    def report_fault(self, reason: str) -> None:
+        """The engine saw this rank break (a CUDA error, say): stop serving at once and
+        ask the controller to remove it now; it registers again as a new member once
+        its lease is revoked."""
+        self._stop_serving(f"fault reported: {reason}")
+        lease = self.lease
+        if lease is None:
+            return
+        rec = SuspectRecord(self.token, self.token, "self", reason[:1000])
+        call(self.client.put, "report own fault", f"{self.root}/suspects/{self.cfg.id}/{self.cfg.id}",
+             rec.to_json(), lease=lease)
 
     def publish_load(self) -> None:
         """Publish this rank's load window (``load/<id>``, under the rank's lease, so it
@@ -783,3 +892,7 @@ class RankAgent:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.liveness is not None:
+            self.liveness.close()

@@ -55,6 +55,8 @@ Example (DeepSeek-V3-like, 2 MoE layers, 4 slots per rank, 2 ranks)::
 
 from __future__ import annotations
 
+import contextlib
+
 import enum
 import functools
 import logging
@@ -234,6 +236,8 @@ class VllmExpertAdapter:
         self.rank_agent: RankAgent | None = None
         self._load_lock = threading.Lock()
         self._load: np.ndarray | None = None  # [num_layers, num_logical] tokens since the last window
+        self.unavailable: list[list[int]] = []
+        """Per layer, logical experts with no live replica while routing around dead ranks."""
 
     # -- the maps --------------------------------------------------------------------
     def _write_map(self, name: str, value: np.ndarray) -> bool:
@@ -255,6 +259,18 @@ class VllmExpertAdapter:
                 f"does not fit this engine ({len(self.weights)} x {self.slots_per_rank})"
             )
         resized = self._write_map("physical_to_logical_map", placement.phy2log)
+        if self._write_routing(placement):
+            resized = True
+        if resized:
+            log.warning("expert maps resized to %d physical slots; views of them must be rebound",
+                        placement.num_physical)
+            if self.on_maps_resized is not None:
+                self.on_maps_resized(self.maps)
+
+    def _write_routing(self, placement: ExpertPlacement) -> bool:
+        """Rewrite ``logical_to_physical_map`` and ``logical_replica_count`` (the maps a
+        router reads) from ``placement``; True if one had to be resized."""
+        resized = False
         l2p = self.maps.get("logical_to_physical_map")
         width = l2p.shape[-1] if l2p is not None and l2p.dim() == 3 else None
         if l2p is not None:
@@ -266,11 +282,22 @@ class VllmExpertAdapter:
         if "logical_replica_count" in self.maps:
             cnt = placement.logcnt if width is None else np.minimum(placement.logcnt, width)
             resized |= self._write_map("logical_replica_count", cnt)
-        if resized:
-            log.warning("expert maps resized to %d physical slots; views of them must be rebound",
-                        placement.num_physical)
-            if self.on_maps_resized is not None:
-                self.on_maps_resized(self.maps)
+        return resized
+
+    def on_routing(self, placement: ExpertPlacement, rank: int, dead: list[int]) -> None:
+        """Coverage before balance: ranks ``dead`` of the committed ``placement`` are
+        gone; the router's maps stop naming their slots (in place: the shapes do not
+        change) until the next commit restores balance. ``unavailable`` lists, per
+        layer, the experts left with no replica (served again once restored)."""
+        if self.state is not AdapterState.SERVING or self.placement != placement:
+            return
+        masked = placement.masked(dead)
+        agent = self.rank_agent
+        with agent.busy if agent is not None else contextlib.nullcontext():  # not mid-step of the engine
+            self._write_routing(masked)
+        self.unavailable = masked.unavailable()
+        log.warning("routing around ranks %s; experts with no live replica per layer: %s", dead,
+                    {i: u for i, u in enumerate(self.unavailable) if u})
 
     def _weights_hold(self, placement: ExpertPlacement, rank: int | None) -> None:
         """The writes of a plan (or the bootstrap load) are done: maps follow at once."""
@@ -376,6 +403,7 @@ class VllmExpertAdapter:
             reference=disk_reference(disk) if verify else None,
             load_window=self.load_window,
             on_fence=lambda why: self._weights_lost(f"rank fenced ({why})"),
+            on_routing=self.on_routing,
         )
         experts = RankExperts(self.weights, self.layout, disk, self._num_logical())
         self.rank_agent = build_agent(settings, experts, hooks, functools.partial(_MapUpdatingExecutor, self),

@@ -87,6 +87,9 @@ class AgentHooks:
         load_window: ``() -> [num_layers, num_logical]`` tokens routed since the last call.
         on_fence: ``(why)`` when the agent fences the rank (lease lost, plan failed, no
             longer a member): the weights are not to be served until a plan refills them.
+        on_routing: ``(placement, rank, dead ranks)`` when the controller confirmed
+            members of the committed placement dead: route around their slots
+            (:meth:`~elastic_ep.core.placement.ExpertPlacement.masked`) until the next commit.
     """
 
     load_initial: Callable[[ExpertPlacement, int], int | None] | None = None
@@ -94,6 +97,7 @@ class AgentHooks:
     reference: ExpertReference | None = None
     load_window: Callable[[], Any] | None = None
     on_fence: Callable[[str], None] | None = None
+    on_routing: Callable[[ExpertPlacement, int, list[int]], None] | None = None
 
 
 def open_checkpoint(
@@ -151,6 +155,7 @@ def build_agent(
     )
     agent.preflight = functools.partial(check_checkpoint, experts.disk, len(experts.weights), experts.num_experts)
     agent.on_fence = hooks.on_fence
+    agent.on_routing = hooks.on_routing
     return agent
 
 

@@ -1,0 +1,129 @@
+"""Peer-detected failures against real rank processes: leases are long (30 s) and the
+membership settle window too (10 s), so a recovery within the waits below can only
+come from peer suspicion confirmed by the controller (a closed liveness connection
+reported, then a failed probe or a quorum), fenced by revoking the lease, and settled
+in the short confirmed-death window. A rank stopped for less than the stall tolerance
+is not removed; one stopped longer is, and comes back as a new member."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from controller.controller import Controller, ControllerConfig, ModelShape
+from controller.etcd_client import EtcdConfig, connect
+from controller.records import CommitRecord, member_id
+from controller.view import read_view
+from elastic_ep.tools.etcd_server import EtcdServer
+from elastic_ep.tools.invariants import check_commit, require
+from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=5)
+SLOTS, LEASE_S, SETTLE_S = 4, 30, 10.0
+
+
+def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if v := pred():
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(d, SPEC)
+    return str(d)
+
+
+@pytest.fixture
+def cluster(ckpt):
+    """etcd, a controller in this process, and 4 rank processes with 30 s leases."""
+    with EtcdServer() as srv:
+        cfg = EtcdConfig(srv.endpoint, deployment="peers", timeout_s=2.0)
+        ctl = Controller(ControllerConfig(cfg, ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
+                                          id="ctl-a", min_ranks=4, settle_s=SETTLE_S, leader_ttl_s=3,
+                                          confirm_settle_s=0.05))
+        stop = threading.Event()
+        t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+        t.start()
+        ctx = mp.get_context("spawn")
+        procs = {}
+        for rid in ("r0", "r1", "r2", "r3"):
+            p = ctx.Process(target=run_agent, args=(SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, lease_ttl_s=LEASE_S),),
+                            daemon=True)
+            p.start()
+            procs[rid] = p
+        client = connect(cfg)
+        try:
+            c = _wait(lambda: _committed(client, cfg.root), 120, "the bootstrap commit")
+            # Peers are watched from the commit on: give the monitors a moment to connect.
+            time.sleep(1.0)
+            yield ctl, procs, client, cfg.root, c
+        finally:
+            stop.set()
+            t.join(10)
+            for p in procs.values():
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                p.join(5)
+
+
+def _committed(client: Any, root: str) -> CommitRecord | None:
+    v, _ = client.get(f"{root}/committed")
+    return None if v is None else CommitRecord.parse(f"{root}/committed", v)
+
+
+def _confirmed(ctl: Controller) -> float:
+    return sum(s.value for m in ctl.metrics.confirmed.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def test_a_killed_rank_is_confirmed_by_its_peers_and_replaced_long_before_its_lease(cluster):
+    ctl, procs, client, root, c1 = cluster
+    victim = member_id(c1.members[1])
+    t0 = time.monotonic()
+    os.kill(procs[victim].pid, signal.SIGKILL)
+    c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
+               "a recovery commit (the lease alone would take 30 s, the settle window 10 s)")
+    print(f"kill -> committed {time.monotonic() - t0:.2f} s; phases {c2.phases}")
+    assert victim not in {member_id(m) for m in c2.members} and len(c2.members) == 3
+    assert _confirmed(ctl) >= 1
+    routing = read_view(client, root).routing
+    assert routing is not None and routing.epoch == c1.epoch and routing.dead == [c1.members[1]], routing
+    require(check_commit(read_view(client, root, whole_plan=True, loads=True)))
+
+
+def test_a_short_stall_is_tolerated_and_a_long_one_fenced(cluster):
+    ctl, procs, client, root, c1 = cluster
+    victim = member_id(c1.members[2])
+    pid = procs[victim].pid
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.3)  # well under the 1 s stall tolerance
+    os.kill(pid, signal.SIGCONT)
+    time.sleep(3.0)
+    now = _committed(client, root)
+    assert now is not None and now.epoch == c1.epoch and now.members == c1.members, "a short stall evicts no one"
+    assert _confirmed(ctl) == 0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
+                   "the stalled rank planned out")
+        assert victim not in {member_id(m) for m in c2.members}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Resumed, it finds its lease revoked, stops serving and joins again as a new member.
+    c3 = _wait(lambda: (c := _committed(client, root)) and victim in {member_id(m) for m in c.members}
+               and c.epoch > c2.epoch and c, 60, "the resumed rank back as a new member")
+    old = next(m for m in c1.members if member_id(m) == victim)
+    assert old not in c3.members, "it came back under a new incarnation"
+    require(check_commit(read_view(client, root, whole_plan=True, loads=True)))
