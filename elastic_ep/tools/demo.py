@@ -185,7 +185,7 @@ class Demo:
             self._follow(ch, before)
 
     def _follow(self, ch: Change, before: Any) -> None:
-        """Print detect, plan, transfer, commit as they appear in etcd."""
+        """Print suspected, gone, masked, plan, commit as they appear in etcd."""
         def mark(name: str, msg: str) -> None:
             if name not in ch.marks:
                 ch.marks[name] = time.monotonic() - ch.t_start
@@ -194,8 +194,8 @@ class Demo:
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline:
             v = self._view()
-            if ch.kind == "kill" and not set(ch.ranks) & set(v.ranks):
-                mark("detect", f"lease expired: {', '.join(ch.ranks)} gone")
+            if ch.kind == "kill":
+                self._follow_kill(ch, before, v, mark)
             p = v.plan
             if p is not None and p.epoch > before.epoch and p.plan is not None:
                 ch.epoch = p.epoch
@@ -212,6 +212,22 @@ class Demo:
             time.sleep(0.01)
         raise ElasticEPError(f"no recovery committed within {self.args.timeout:.0f} s after {ch.kind} {ch.ranks}")
 
+    def _follow_kill(self, ch: Change, before: Any, v: ClusterView, mark: Any) -> None:
+        """A kill's first phases: a peer's suspicion, the victims gone from etcd, and
+        the routing around them that restores coverage before any weight moves."""
+        reports = [m.key.decode().rsplit("/", 1)[-1] for _, m in self.client.get_prefix(f"{self.cfg.root}/suspects/")]
+        if set(ch.ranks) & set(reports):
+            mark("suspected", f"a peer reported {', '.join(sorted(set(ch.ranks) & set(reports)))} dead")
+        if not set(ch.ranks) & set(v.ranks):
+            how = "confirmed and fenced" if "suspected" in ch.marks else "lease expired"
+            mark("detect", f"{how}: {', '.join(ch.ranks)} gone")
+        r = v.routing
+        if r is not None and r.epoch == before.epoch and {member_id(t) for t in r.dead} & set(ch.ranks):
+            dead = [before.members.index(t) for t in r.dead if t in before.members]
+            lost = sum(len(u) for u in before.placement.masked(dead).unavailable())
+            mark("masked", f"routing around {', '.join(member_id(t) for t in r.dead)}: every expert with a "
+                           f"live replica served again; {lost} (layer, expert) pairs wait for the plan")
+
     def _summary(self) -> dict[str, Any]:
         v = self._view()
         c, p = v.committed, v.plan
@@ -225,8 +241,9 @@ class Demo:
             phases = {k: round(float(v), 4) for k, v in c.phases.items()}
         if last is not None:
             phases["wall_to_commit"] = round(last.marks.get("commit", 0.0), 4)
-            if "detect" in last.marks:
-                phases["lease_expiry"] = round(last.marks["detect"], 4)
+            for mark in ("suspected", "detect", "masked"):
+                if mark in last.marks:
+                    phases[{"detect": "gone"}.get(mark, mark)] = round(last.marks[mark], 4)
         ok = all(x.ok for x in self.checks)
         result = {
             "ok": ok,
