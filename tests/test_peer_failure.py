@@ -127,3 +127,44 @@ def test_a_short_stall_is_tolerated_and_a_long_one_fenced(cluster):
     old = next(m for m in c1.members if member_id(m) == victim)
     assert old not in c3.members, "it came back under a new incarnation"
     require(check_commit(read_view(client, root, whole_plan=True, loads=True)))
+
+
+def test_one_reporter_with_a_cut_link_evicts_no_one():
+    """Three in-process agents; r0 drops every heartbeat from r1 (a cut link), so r0
+    reports r1 silent. One reporter is not a quorum and r1 answers the controller's
+    probe: r1 stays a member, and no plan is made."""
+    from elastic_ep.runtime.agent import AgentConfig, RankAgent
+    from tests.test_agent_hostile import Recorder
+
+    with EtcdServer() as srv:
+        cfg = EtcdConfig(srv.endpoint, deployment="cut", timeout_s=2.0)
+        ctl = Controller(ControllerConfig(cfg, ModelShape(2, 8, 4, 1024), id="ctl-a", min_ranks=3, settle_s=0.2,
+                                          leader_ttl_s=3))
+        stop = threading.Event()
+        threads = [threading.Thread(target=ctl.run, args=(stop,), daemon=True)]
+        agents = []
+        for rid in ("r0", "r1", "r2"):
+            rec = Recorder()
+            a = RankAgent(AgentConfig(cfg, rid, lease_ttl_s=10, stall_tolerance_s=0.3), executor=rec,  # type: ignore[arg-type]
+                          load_initial=rec.load_initial, client=connect(cfg))
+            agents.append(a)
+            threads.append(threading.Thread(target=a.run, args=(stop,), daemon=True))
+        agents[0].heartbeat_drop = lambda token: token.startswith("r1#")
+        for t in threads:
+            t.start()
+        client = connect(cfg)
+        try:
+            c1 = _wait(lambda: _committed(client, cfg.root), 30, "the bootstrap commit")
+            _wait(lambda: agents[0].suspected, 10, "r0's report on r1")
+            assert [(member_id(t), k) for t, k, _ in agents[0].suspected] == [("r1", "silent")]
+            time.sleep(2.0)  # passes of the controller that see the report
+            c = _committed(client, cfg.root)
+            assert c is not None and c.epoch == c1.epoch and c.members == c1.members
+            assert _confirmed(ctl) == 0 and client.get(f"{cfg.root}/routing")[0] is None
+            assert not agents[1].suspected and not agents[2].suspected
+        finally:
+            stop.set()
+            for a in agents:
+                a.stop()
+            for t in threads:
+                t.join(10)

@@ -290,6 +290,9 @@ class RankAgent:
         self._routed_rev = 0
         self.suspected: list[tuple[str, str, str]] = []
         """(target token, kind, detail) of every suspicion reported, in order."""
+        self.heartbeat_drop: Callable[[str], bool] | None = None
+        """A fault hook: heartbeats from the peers it returns True for are dropped (a
+        cut link), set before the first commit."""
 
     @property
     def token(self) -> str:
@@ -803,7 +806,7 @@ class RankAgent:
                   if t in known and isinstance(known[t].endpoint.get("liveness"), str)}
         if self.monitor is None:
             misses = max(1, math.ceil(self.cfg.stall_tolerance_s / self.cfg.heartbeat_s))
-            self.monitor = PeerMonitor(self._on_suspect, self.cfg.heartbeat_s, misses)
+            self.monitor = PeerMonitor(self._on_suspect, self.cfg.heartbeat_s, misses, drop=self.heartbeat_drop)
         self.monitor.watch(wanted)
 
     def _on_suspect(self, target: str, kind: str, detail: str) -> None:
