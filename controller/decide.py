@@ -73,6 +73,11 @@ class ModelShape:
     slots_per_rank: int
     expert_bytes: int
 
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.__dict__.items() if type(v) is not int or v < 1}
+        if bad:
+            raise ConfigError(f"a model shape needs positive integers, got {bad}")
+
 
 @dataclass(frozen=True)
 class DecideConfig:

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,21 +21,13 @@ from controller.etcd_client import EtcdConfig, connect
 from controller.records import CommitRecord, member_id
 from controller.view import read_view
 from elastic_ep.tools.etcd_server import EtcdServer
+from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=5)
 SLOTS, LEASE_S, SETTLE_S = 4, 30, 10.0
-
-
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := pred():
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -18,20 +17,12 @@ from controller.etcd_client import EtcdConfig, connect
 from controller.records import CommitRecord, member_id
 from controller.view import read_view
 from elastic_ep.tools.invariants import check_commit, require
+from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.simulate import SimShape, SimulatedRanks
 
 RANKS = 64
 SHAPE = SimShape(58, 256, 9, 88_080_384)
 LIMIT = 512 * 1024
-
-
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := pred():
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

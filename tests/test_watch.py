@@ -5,7 +5,6 @@ compacted; an idle agent reads only its own key."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
@@ -18,17 +17,9 @@ from elastic_ep.core.plan import build_plan
 from elastic_ep.core.rank_mapping import RankMapping
 from elastic_ep.runtime.agent import AgentConfig, RankAgent
 from elastic_ep.tools.etcd_server import EtcdServer
+from elastic_ep.tools.polling import wait_until as _wait
 
 from tests.test_agent_hostile import LEADER, SLOTS, EXPERTS, SPEC, Deployment, Recorder, bootstrap
-
-
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := pred():
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

@@ -20,3 +20,12 @@ def wait_for(pred: Callable[[], Any], timeout_s: float, poll_s: float = 0.05) ->
             return v
         time.sleep(poll_s)
     return None
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
+    """:func:`wait_for`, raising ``TimeoutError`` that names ``what`` when ``pred`` stayed
+    falsy for ``timeout_s``. Example: ``c = wait_until(read_commit, 60, "the commit")``."""
+    v = wait_for(pred, timeout_s, poll_s)
+    if not v:
+        raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+    return v

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, TextIO
 
+from controller.decide import ModelShape
 from controller.etcd_client import EtcdConfig, call, connect
 
 from elastic_ep.core.placement import ExpertPlacement
@@ -45,20 +46,10 @@ JOIN_TIMEOUT_S = 10.0
 """How long :meth:`SimulatedRanks.kill` waits for a rank's thread to end its pass."""
 
 
-@dataclass(frozen=True)
-class SimShape:
-    """The placement's shape the simulated ranks serve: ``SimShape(58, 256, 9, 88_080_384)``
-    (DeepSeek-V3: 58 MoE layers, 256 experts, 9 slots a rank, bytes of one expert)."""
-
-    num_layers: int
-    num_logical: int
-    slots_per_rank: int
-    expert_bytes: int
-
-    def __post_init__(self) -> None:
-        bad = {k: v for k, v in self.__dict__.items() if not isinstance(v, int) or v < 1}
-        if bad:
-            raise ConfigError(f"simulated shape needs positive integers, got {bad}")
+SimShape = ModelShape
+"""The placement's shape the simulated ranks serve: ``SimShape(58, 256, 9, 88_080_384)``
+(DeepSeek-V3: 58 MoE layers, 256 experts, 9 slots a rank, bytes of one expert): the
+controller's own :class:`~controller.decide.ModelShape`."""
 
 
 @dataclass
