@@ -44,6 +44,7 @@ state's :attr:`AgentState.record_state`, written before the state changes.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import os
@@ -660,6 +661,12 @@ class RankAgent:
     def _on_plan(self, rec: PlanRecord) -> str:
         if self.token not in rec.participants():
             return "not a participant"
+        # Watch this plan's participants from now: a death mid-plan must be seen as
+        # fast as one outside it (joiners have no committed peers yet).
+        try:
+            self._watch_peers(rec.participants())
+        except Exception as e:  # the lease and the executor's own deadlines stay
+            log.warning("rank %s epoch %d: cannot watch the plan's participants: %s", self.token, rec.epoch, e)
         with self.busy:
             ack = self._execute(rec)
         call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
@@ -714,8 +721,32 @@ class RankAgent:
         if old_rank is not None:
             self._check_holding(plan, old_rank)
         store = EtcdStore(self.client, self.root, scope=str(rec.epoch))
-        report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store)
+        transport = getattr(self.executor, "transport", None)
+        if transport is not None:
+            transport.abort = functools.partial(self._abort_reason, rec)
+        try:
+            report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store)
+        finally:
+            if transport is not None:
+                transport.abort = None
         return report.bytes_by_route(), report.phase_seconds
+
+    def _abort_reason(self, rec: PlanRecord) -> str:
+        """Why plan ``rec``'s waits should end now: a newer plan is out, or a participant's
+        registration is gone (the controller revoked it on a confirmed death: its peers
+        would wait for it until their deadlines); "" otherwise, and when etcd cannot say.
+        Asked only while a wait is blocked (about ten times a second)."""
+        try:
+            raw, _ = call(self.client.get, "read epoch", f"{self.root}/epoch")
+            newest = parse_epoch(f"{self.root}/epoch", raw) if raw is not None else 0
+            if newest > rec.epoch:
+                return f"plan epoch {newest} superseded epoch {rec.epoch}"
+            keys = call(self.client.get_prefix, "read rank keys", f"{self.root}/ranks/", keys_only=True)
+            here = {m.key.decode().rpartition("/")[2] for _, m in keys}
+        except Exception:  # no answer is no reason to give up
+            return ""
+        gone = [p for p in rec.participants() if member_id(p) not in here]
+        return f"participants {gone} of epoch {rec.epoch} are gone" if gone else ""
 
     def _check_holding(self, plan: TransferPlan, old_rank: int) -> None:
         """Raise :class:`PlanError` unless the weights hold old rank ``old_rank``'s slots

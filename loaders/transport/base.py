@@ -251,6 +251,9 @@ class PeerTransport(ABC):
         """Staging buffers left because an abandoned operation may still write there;
         kept alive (their memory must not be reused) until the next epoch's connect."""
         self._failed: dict[int, str] = {}  # participant -> why a read from it failed, this epoch
+        self.abort: Callable[[], str] | None = None
+        """Set by the rank's agent for each plan: why this epoch's waits should end now
+        (a participant confirmed dead, a newer plan published), or "" to keep waiting."""
 
     # -- registration ------------------------------------------------------------------
     def register_weights(self, weights: Sequence[LayerWeights]) -> None:

@@ -30,6 +30,10 @@ from loaders.layout import ExpertLayout
 from loaders.transport import PeerRead, PeerSend, TwoSidedTransport, register_backend
 
 
+ABORT_POLL_S = 0.1
+"""How often a wait for the group asks :attr:`PeerTransport.abort` whether to give up."""
+
+
 @register_backend("torch")
 class TorchTransport(TwoSidedTransport):
     """Options: ``backend`` ("gloo" or "nccl"; default from the weights' device);
@@ -74,8 +78,14 @@ class TorchTransport(TwoSidedTransport):
         # attempt ends on its own and its group is never used).
         th = threading.Thread(target=self._build_group, args=(built, timeout), name="elastic-ep-pg-connect", daemon=True)
         th.start()
-        th.join(timeout)
-        if th.is_alive():
+        deadline = time.monotonic() + timeout
+        why = ""
+        while th.is_alive() and time.monotonic() < deadline and not why:
+            th.join(min(ABORT_POLL_S, max(deadline - time.monotonic(), 0.0)))
+            why = self.abort() if self.abort is not None and th.is_alive() else ""
+        if why:
+            self.broken = f"the epoch {self.epoch} group was abandoned: {why}"
+        elif th.is_alive():
             self.broken = f"the epoch {self.epoch} group did not form within {timeout:.0f} s (a participant is gone)"
         elif "error" in built:
             self.broken = f"the epoch {self.epoch} group could not be built: {built['error']}"
