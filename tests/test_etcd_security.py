@@ -128,7 +128,8 @@ def test_layout_gives_ranks_single_keys_and_shared_prefixes():
     assert [(g.perm, g.key, g.prefix) for g in ctl.grants] == [("readwrite", f"{ROOT}/", True)]
     assert {(g.perm, g.key, g.prefix) for g in r0.grants} == {
         ("read", f"{ROOT}/", True), ("readwrite", f"{ROOT}/ranks/0", False), ("readwrite", f"{ROOT}/load/0", False),
-        ("readwrite", f"{ROOT}/acks/0", False), ("readwrite", f"{ROOT}/store/", True),
+        ("readwrite", f"{ROOT}/acks/0", False), ("readwrite", f"{ROOT}/suspects/0/", True),
+        ("readwrite", f"{ROOT}/store/", True),
     }
     assert r0.grants[0].range_end() == f"{ROOT}0".encode()
 
@@ -140,6 +141,7 @@ def test_rank_writes_its_own_keys_and_reads_the_plan(auth):
     r0.put(f"{ROOT}/ranks/0", b"registered", lease=lease)
     r0.put(f"{ROOT}/load/0", b"[1, 2]")
     r0.put(f"{ROOT}/acks/0", b"ack")
+    r0.put(f"{ROOT}/suspects/0/1", b"suspect", lease=lease)
     r0.put(f"{ROOT}/store/barrier/1/0", b"1")
     assert r0.get(f"{ROOT}/plan")[0] == b'{"epoch": 1}'
     assert r0.get(f"{ROOT}/ranks/0")[0] == b"registered"
@@ -148,7 +150,8 @@ def test_rank_writes_its_own_keys_and_reads_the_plan(auth):
 
 
 @pytest.mark.parametrize("key", [
-    "ranks/1", "load/1", "acks/1", "plan", "epoch", "leader", "committed", "election/x", "../other/ranks/0",
+    "ranks/1", "load/1", "acks/1", "suspects/1/0", "suspects/0", "plan", "plans/00000000000000000002/x/old",
+    "epoch", "leader", "committed", "routing", "election/x", "../other/ranks/0",
 ])
 def test_rank_cannot_write_other_ranks_or_controller_keys(auth, key):
     r0 = auth.rank("0")
