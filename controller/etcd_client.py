@@ -228,12 +228,43 @@ def call(fn: Callable[..., T], what: str, *args: Any, **kwargs: Any) -> T:
 def read_ranges(client: Any, what: str, prefixes: list[str], keys: list[str]) -> list[list[tuple[bytes, Any]]]:
     """Every key under each of ``prefixes``, then each of ``keys``, read in one
     transaction (one revision): per range, its ``(value, metadata)`` pairs."""
+    return read_ranges_since(client, what, prefixes, keys, {})
+
+
+@dataclass(frozen=True)
+class KeptMeta:
+    """The metadata of a value a reader already holds, standing in for the value's own
+    in a read that did not send it again (:func:`read_ranges_since`)."""
+
+    key: bytes
+    mod_revision: int
+    create_revision: int = 0
+
+
+Held = dict[str, "tuple[bytes, Any] | None"]
+"""key -> the ``(value, metadata)`` a reader holds of it, None: it holds it as absent."""
+
+
+def read_ranges_since(client: Any, what: str, prefixes: list[str], keys: list[str],
+                      held: Held) -> list[list[tuple[bytes, Any]]]:
+    """:func:`read_ranges`, except that the keys of ``held`` (some of ``keys``) come
+    back only when one of their mod revisions moved: while none did (compared in the
+    same transaction), they are returned as held. A reader that looks every pass at a
+    few large values (a plan head, a commit) then moves them only when they change."""
     from etcd3.utils import prefix_range_end, to_bytes
 
     tx = client.transactions
-    ops = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys]
-    _, responses = call(client.transaction, what, compare=[], success=ops, failure=[])
-    return [list(r) for r in responses]
+    ranges = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes]
+    same = [tx.mod(k) == (v[1].mod_revision if v is not None else 0) for k, v in held.items()]
+    unchanged, responses = call(client.transaction, what, compare=same,
+                                success=ranges + [tx.get(k) for k in keys if k not in held],
+                                failure=ranges + [tx.get(k) for k in keys])
+    got = [list(r) for r in responses]
+    if not (held and unchanged):
+        return got
+    rest = iter(got[len(prefixes):])
+    kept = {k: [v] if v is not None else [] for k, v in held.items()}
+    return got[:len(prefixes)] + [kept[k] if k in kept else next(rest) for k in keys]
 
 
 def delete_range(client: Any, what: str, start: str, end: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from controller import plan_chunks
-from controller.etcd_client import call, read_ranges
+from controller.etcd_client import KeptMeta, call, read_ranges_since
 from controller.records import (
     AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id, parse_epoch,
     parse_leader,
@@ -197,36 +197,15 @@ def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
     return view
 
 
-@dataclass(frozen=True)
-class _Kept:
-    """The metadata of a value this reader parsed before (its parse is in the cache)."""
-
-    key: bytes
-    mod_revision: int
-
-
 def _read(client: Any, root: str, cache: ParseCache | None) -> list[list[tuple[bytes, Any]]]:
-    """ranks, acks, epoch, plan, committed, leader: read in one transaction. The plan
-    head and the commit (the large values) come back only when their mod revisions
-    differ from the ones in ``cache``; otherwise they stand in as :class:`_Kept`."""
-    prefixes, keys = [f"{root}/{p}/" for p in _PREFIXES], [f"{root}/{k}" for k in _KEYS]
-    big = [f"{root}/plan", f"{root}/committed"]
-    revs = [max((rev for k, rev in cache if k == key), default=0) for key in big] if cache else [0, 0]
-    if not all(revs):
-        return read_ranges(client, f"read {root}", prefixes, keys)
-    from etcd3.utils import prefix_range_end, to_bytes
-
-    tx = client.transactions
-    small = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys if k not in big]
-    everything = [tx.get(p, prefix_range_end(to_bytes(p))) for p in prefixes] + [tx.get(k) for k in keys]
-    same, responses = call(client.transaction, f"read {root}", compare=[tx.mod(k) == rev for k, rev in zip(big, revs)],
-                           success=small, failure=everything)
-    got = [list(x) for x in responses]
-    if not same:
-        return got
-    kept = {k: [(b"", _Kept(k.encode(), rev))] for k, rev in zip(big, revs)}
-    rest = iter(got[len(prefixes):])
-    return got[:len(prefixes)] + [kept[k] if k in kept else next(rest) for k in keys]
+    """ranks, acks, suspects, epoch, plan, committed, leader, routing: read in one
+    transaction. The plan head and the commit (the large values) come back only when
+    their mod revisions differ from the ones parsed in ``cache``."""
+    known = {k: max((rev for key, rev in cache if key == k), default=0) if cache else 0
+             for k in (f"{root}/plan", f"{root}/committed")}
+    held = {k: (b"", KeptMeta(k.encode(), rev)) for k, rev in known.items() if rev}
+    return read_ranges_since(client, f"read {root}", [f"{root}/{p}/" for p in _PREFIXES],
+                             [f"{root}/{k}" for k in _KEYS], held)
 
 
 def _read_loads(r: _Reader, client: Any, prefix: str) -> dict[str, LoadRecord]:

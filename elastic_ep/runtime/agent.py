@@ -58,7 +58,7 @@ from typing import Any, Callable
 import numpy as np
 
 from controller import plan_chunks
-from controller.etcd_client import EtcdConfig, call, connect, read_ranges
+from controller.etcd_client import EtcdConfig, Held, KeptMeta, call, connect, read_ranges, read_ranges_since
 from controller.records import (
     AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id,
     member_token, parse_epoch, parse_leader,
@@ -183,14 +183,6 @@ class _Retry:
         """Forget the failures of ``kinds`` (all when none given): a success ends the run."""
         for k in kinds or list(self.counts):
             self.counts.pop(k, None)
-
-
-@dataclass(frozen=True)
-class _Meta:
-    """The revisions of a value kept from an earlier read."""
-
-    mod_revision: int
-    create_revision: int
 
 
 Read = dict[str, tuple[bytes, int, int] | None]
@@ -516,25 +508,17 @@ class RankAgent:
     # -- reading ---------------------------------------------------------------------
     def _read(self) -> Read:
         """The keys one pass acts on, in one transaction (one revision). When plan,
-        epoch, leader and committed kept the mod revisions of the last read, only the
-        rank's own key comes back (an idle pass moves a few hundred bytes, not the plan
-        head and commit)."""
+        epoch, leader, committed and routing kept the mod revisions of the last read,
+        only the rank's own key comes back (an idle pass moves a few hundred bytes, not
+        the plan head and commit)."""
         names = ("plan", "epoch", "leader", "committed", "routing", f"ranks/{self.cfg.id}")
         keys = [f"{self.root}/{n}" for n in names]
-        shared = len(names) - 1  # the keys every rank reads; the last is its own
         last = self._last_read
-        if last is None:
-            got = read_ranges(self.client, f"read {self.root}", [], keys)
-        else:
-            tx = self.client.transactions
-            same = [tx.mod(k) == (last[n][1] if last[n] is not None else 0)
-                    for n, k in zip(names[:shared], keys[:shared])]
-            unchanged, responses = call(self.client.transaction, f"read {self.root}", compare=same,
-                                        success=[tx.get(keys[-1])], failure=[tx.get(k) for k in keys])
-            got = [list(r) for r in responses]
-            if unchanged:
-                got = [[(v[0], _Meta(v[1], v[2]))] if v is not None else []
-                       for v in (last[n] for n in names[:shared])] + got
+        held: Held = {}
+        if last is not None:  # every key but the rank's own, as last read
+            held = {k: None if (v := last[n]) is None else (v[0], KeptMeta(k.encode(), v[1], v[2]))
+                    for n, k in zip(names[:-1], keys[:-1])}
+        got = read_ranges_since(self.client, f"read {self.root}", [], keys, held)
         read = {n: (kvs[0][0], kvs[0][1].mod_revision, kvs[0][1].create_revision) if kvs else None
                 for n, kvs in zip(names, got)}
         self._last_read = read
