@@ -243,15 +243,20 @@ class Controller:
             if lease is None:
                 continue
             log.warning("epoch %d: %s confirmed dead (%s); revoking its lease", view.epoch, target, why)
-            try:
-                call(self.client.revoke_lease, f"revoke lease {lease:x}", lease)
-            except EtcdUnavailableError as e:  # gone already, or etcd away: the next pass sees which
-                log.warning("epoch %d: %s", view.epoch, e)
-                continue
-            self.metrics.confirmed.labels(how="self" if "itself" in why else "quorum" if "ranks" in why
-                                          else "probe").inc()
-            done.add(target)
+            if self._revoke_lease(lease, view.epoch):
+                self.metrics.confirmed.labels(how=j.how.get(target, "probe")).inc()
+                done.add(target)
         return frozenset(done)
+
+    def _revoke_lease(self, lease: int, epoch: int) -> bool:
+        """Revoke a rank's lease (the fence: its keys go at once); False when etcd did
+        not take it (gone already, or etcd away: the next pass sees which)."""
+        try:
+            call(self.client.revoke_lease, f"revoke lease {lease:x}", lease)
+            return True
+        except EtcdUnavailableError as e:
+            log.warning("epoch %d: %s", epoch, e)
+            return False
 
     def mask(self, view: ClusterView, dead: frozenset[str]) -> None:
         """Coverage before balance: publish, for the committed epoch, the members to
@@ -277,11 +282,8 @@ class Controller:
         log.error("epoch %d: %s: %s; revoking their leases so that the next plan goes without them",
                   action.epoch, action.reason, sorted(action.ranks))
         for lease in action.leases:
-            try:
-                call(self.client.revoke_lease, f"revoke lease {lease:x}", lease)
+            if self._revoke_lease(lease, action.epoch):
                 self.metrics.revoked.inc()
-            except EtcdUnavailableError as e:  # gone already, or etcd away: the next pass sees which
-                log.warning("epoch %d: %s", action.epoch, e)
 
     # -- acting ----------------------------------------------------------------------
     def step(self) -> Action:

@@ -137,10 +137,10 @@ class Memory:
     sent: Mapping[int, float] = field(default_factory=dict)
     """epoch -> when its plan went out: its transfer phase starts."""
     phases: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    """epoch -> seconds of its detect and plan phases, for its commit record."""
     confirmed: frozenset[str] = frozenset()
     """Members whose deaths the controller confirmed (their leases revoked) since the
     last plan went out."""
-    """epoch -> seconds of its detect and plan phases, for its commit record."""
 
     def plan_sent(self, epoch: int, at: float, plan_s: float | None = None) -> Memory:
         """This memory after the plan of ``epoch`` went out at ``at``; ``plan_s``: the

@@ -33,11 +33,13 @@ from controller.view import ClusterView
 
 @dataclass(frozen=True)
 class Judgement:
-    """Members confirmed dead (token -> why) and those a probe must decide
-    (token -> the liveness address their registration published)."""
+    """Members confirmed dead (token -> why), how each was (token -> ``self`` or
+    ``quorum``), and those a probe must decide (token -> the liveness address their
+    registration published)."""
 
     confirmed: dict[str, str] = field(default_factory=dict)
     probe: dict[str, str] = field(default_factory=dict)
+    how: dict[str, str] = field(default_factory=dict)
 
 
 def judge(view: ClusterView, quorum: int = 2) -> Judgement:
@@ -50,10 +52,11 @@ def judge(view: ClusterView, quorum: int = 2) -> Judgement:
     for target, reports in sorted(by_target.items()):
         names = ", ".join(sorted(reports))
         if reports.get(member_id(target)) == "self":
-            out.confirmed[target] = "reported itself broken"
+            out.confirmed[target], out.how[target] = "reported itself broken", "self"
         elif len(reports) >= quorum:
             out.confirmed[target] = (f"suspected by {len(reports)} ranks ({names}): "
                                      f"{', '.join(sorted(set(reports.values())))}")
+            out.how[target] = "quorum"
         else:
             address = view.ranks[member_id(target)].endpoint.get("liveness")
             if isinstance(address, str) and address:

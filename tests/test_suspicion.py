@@ -25,8 +25,10 @@ def test_a_self_report_or_a_quorum_confirms_and_a_lone_reporter_needs_a_probe() 
     assert judge(_view(SuspectRecord(tok("r2"), tok("r2"), "self"))).confirmed == {tok("r2"): "reported itself broken"}
     two = judge(_view(SuspectRecord(tok("r0"), tok("r2"), "closed"), SuspectRecord(tok("r1"), tok("r2"), "silent")))
     assert list(two.confirmed) == [tok("r2")] and "2 ranks (r0, r1)" in two.confirmed[tok("r2")] and not two.probe
+    assert two.how == {tok("r2"): "quorum"}
+    assert judge(_view(SuspectRecord(tok("r2"), tok("r2"), "self"))).how == {tok("r2"): "self"}
     lone = judge(_view(SuspectRecord(tok("r0"), tok("r2"), "closed")))
-    assert lone.confirmed == {} and lone.probe == {tok("r2"): "127.0.0.1:9"}
+    assert lone.confirmed == {} and lone.how == {} and lone.probe == {tok("r2"): "127.0.0.1:9"}
     # The same reporter twice is one reporter; a target without a liveness endpoint is the lease's.
     again = judge(_view(SuspectRecord(tok("r0"), tok("r2"), "closed"), SuspectRecord(tok("r0"), tok("r2"), "silent")))
     assert again.confirmed == {}
