@@ -9,6 +9,9 @@ Reading is strict because a record may come from anywhere: the dtype is one of
 shape's byte count (a zlib bomb inflates no further), and the bytes must fill the
 shape exactly.
 
+:func:`describe` is the one short, safe description of any value read from a record
+that every reader's error message uses.
+
 Example::
 
     d = pack(np.array([[0, 1], [1, 0]]))
@@ -53,20 +56,20 @@ def unpack(value: Any, name: str, max_elements: int, error: Callable[[str], Exce
     not such a mapping, an unknown dtype, a shape past ``max_elements`` (or not ``ndim``
     dimensions), text that is not base64 or zlib, bytes that do not fill the shape."""
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "z"}:
-        raise error(f"{name} must be a packed array {{dtype, shape, z}}, got {_describe(value)}")
+        raise error(f"{name} must be a packed array {{dtype, shape, z}}, got {describe(value)}")
     dtype, shape, text = value["dtype"], value["shape"], value["z"]
     if dtype not in DTYPES:
-        raise error(f"{name} dtype {_describe(dtype)} is not one of {DTYPES}")
+        raise error(f"{name} dtype {describe(dtype)} is not one of {DTYPES}")
     want_dims = ndim if ndim is not None else len(shape) if isinstance(shape, list) else -1
     if (not isinstance(shape, list) or not 0 < len(shape) <= MAX_DIMS or len(shape) != want_dims
             or not all(type(n) is int and 0 <= n <= max_elements for n in shape)):
-        raise error(f"{name} shape {_describe(shape)} is not a list of {ndim or 'up to ' + str(MAX_DIMS)} sizes")
+        raise error(f"{name} shape {describe(shape)} is not a list of {ndim or 'up to ' + str(MAX_DIMS)} sizes")
     count = int(np.prod(shape, dtype=np.float64))
     if count > max_elements:
         raise error(f"{name} is shaped {shape}: {count} entries, more than the {max_elements} it may hold")
     nbytes = count * np.dtype(dtype).itemsize
     if not isinstance(text, str) or len(text) > 4 * (nbytes // 3 + 64) + 1024:
-        raise error(f"{name} data is {_describe(text)}, not the base64 text of at most {nbytes} bytes")
+        raise error(f"{name} data is {describe(text)}, not the base64 text of at most {nbytes} bytes")
     try:
         z = base64.b64decode(text.encode("ascii"), validate=True)
         inflater = zlib.decompressobj()
@@ -80,9 +83,14 @@ def unpack(value: Any, name: str, max_elements: int, error: Callable[[str], Exce
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64).reshape(shape)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A short description of a value read from a record, safe for any value: huge ints
+    and deep nestings are described, not printed."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
     if isinstance(value, str):
         return repr(value[:40]) + ("..." if len(value) > 40 else "")
-    if isinstance(value, (list, dict)):
-        return f"a {type(value).__name__} of {len(value)}"
-    return repr(value) if value is None or isinstance(value, (bool, int, float)) else f"a {type(value).__name__}"
+    size = f" of {len(value)}" if isinstance(value, (list, dict, bytes)) else ""
+    return f"a {type(value).__name__}{size}"

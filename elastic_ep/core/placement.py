@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from elastic_ep.core.packed import pack, unpack
+from elastic_ep.core.packed import describe, pack, unpack
 from elastic_ep.errors import PlacementError
 
 
@@ -226,19 +226,6 @@ MAX_LOGICAL = 1 << 16
 MAX_ELEMENTS = 1 << 22
 """The most entries an array of a record may hold (a DeepSeek-V3 placement on 2048
 ranks holds 58 x 18432 = 1.07M)."""
-
-
-def describe(value: Any) -> str:
-    """A short description of a value read from a record, safe for any value: huge ints
-    and deep nestings are described, not printed."""
-    if value is None or isinstance(value, (bool, float)):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
-    if isinstance(value, str):
-        return repr(value[:40]) + ("..." if len(value) > 40 else "")
-    size = f" of {len(value)}" if isinstance(value, (list, dict, bytes)) else ""
-    return f"a {type(value).__name__}{size}"
 
 
 def record_int(value: Any, name: str, lo: int, hi: int,

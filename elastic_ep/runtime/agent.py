@@ -43,6 +43,7 @@ state's :attr:`AgentState.record_state`, written before the state changes.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import logging
@@ -281,8 +282,8 @@ class RankAgent:
         next commit (set after construction, like :attr:`on_fence`)."""
         self._members: list[str] = []  # of the last commit this rank is part of
         self._routed_rev = 0
-        self.suspected: list[tuple[str, str, str]] = []
-        """(target token, kind, detail) of every suspicion reported, in order."""
+        self.suspected: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=256)
+        """(target token, kind, detail) of the suspicions reported, oldest first (the last 256)."""
         self.heartbeat_drop: Callable[[str], bool] | None = None
         """A fault hook: heartbeats from the peers it returns True for are dropped (a
         cut link), set before the first commit."""
@@ -647,10 +648,7 @@ class RankAgent:
             return "not a participant"
         # Watch this plan's participants from now: a death mid-plan must be seen as
         # fast as one outside it (joiners have no committed peers yet).
-        try:
-            self._watch_peers(rec.participants())
-        except Exception as e:  # the lease and the executor's own deadlines stay
-            log.warning("rank %s epoch %d: cannot watch the plan's participants: %s", self.token, rec.epoch, e)
+        self._watch_peers(rec.participants())
         with self.busy:
             ack = self._execute(rec)
         call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
@@ -808,9 +806,16 @@ class RankAgent:
     def _watch_peers(self, members: list[str]) -> None:
         """Watch the liveness of this rank's peers among ``members`` (ring neighbours
         and same-node ranks: :func:`~elastic_ep.runtime.liveness.monitored_peers`),
-        after dropping its reports on the last membership."""
+        after dropping its reports on the last membership. Best effort: when etcd
+        cannot say who the peers are, the lease and the executor's deadlines remain."""
         if self.liveness is None:
             return
+        try:
+            self._watch_peers_of(members)
+        except Exception as e:
+            log.warning("rank %s epoch %d: cannot watch its peers: %s", self.token, self.last_epoch, e)
+
+    def _watch_peers_of(self, members: list[str]) -> None:
         call(self.client.delete_prefix, "clear suspicions", f"{self.root}/suspects/{self.cfg.id}/")
         records = [parse_value(RankRecord.parse, m.key.decode(), v, m.mod_revision)
                    for v, m in call(self.client.get_prefix, "read ranks", f"{self.root}/ranks/")]
