@@ -101,6 +101,24 @@ class Participants:
         return self.of_old(old) if old >= 0 else len(self.old) + self.joining.index(new_rank)
 
 
+def plan_role(plan: TransferPlan, old_rank: int | None, new_rank: int | None) -> int | None:
+    """The new rank a process fills in ``plan`` (None: an old rank that leaves), given
+    its old rank (None for a joiner) and the new rank it was told; :class:`PlanError`
+    for a dead old rank, a new rank that is not the old one's, or a joiner outside the
+    joining ranks. Example: 4 old ranks, rank 1 dead -> ``plan_role(plan, 2, None) == 1``."""
+    m = plan.mapping
+    if old_rank is not None:
+        if old_rank not in m.live_sources:
+            raise PlanError(f"old rank {old_rank} is dead in plan epoch {plan.epoch}; it must not act on it")
+        mapped = m.old_to_new[old_rank]
+        if new_rank is not None and new_rank != mapped:
+            raise PlanError(f"old rank {old_rank} becomes new rank {mapped}, not {new_rank}")
+        return mapped if mapped >= 0 else None
+    if new_rank is None or not m.num_surviving <= new_rank < m.new_ep_size:
+        raise PlanError(f"a joining process needs a new rank in {m.num_surviving}..{m.new_ep_size - 1}, got {new_rank}")
+    return new_rank
+
+
 @dataclass(frozen=True)
 class TransferOutcome:
     """How one slot was filled: ``route`` and ``source`` (old rank, or ``DISK``) of the
@@ -261,19 +279,7 @@ class PlanExecutor:
             )
         if plan.expert_bytes != self.layout.expert_bytes:
             raise PlanError(f"plan expert_bytes {plan.expert_bytes} != serving layout {self.layout.expert_bytes}")
-        m = plan.mapping
-        if old_rank is not None:
-            if old_rank not in m.live_sources:
-                raise PlanError(f"old rank {old_rank} is dead in plan epoch {plan.epoch}; it must not act on it")
-            mapped = m.old_to_new[old_rank]
-            if new_rank is not None and new_rank != mapped:
-                raise PlanError(f"old rank {old_rank} becomes new rank {mapped}, not {new_rank}")
-            new_rank = mapped if mapped >= 0 else None
-        elif new_rank is None or not m.num_surviving <= new_rank < m.new_ep_size:
-            raise PlanError(
-                f"a joining process needs a new rank in {m.num_surviving}..{m.new_ep_size - 1}, got {new_rank}"
-            )
-        return old_rank, new_rank
+        return old_rank, plan_role(plan, old_rank, new_rank)
 
     def _plan_store(self, epoch: int, store: Any) -> Any:
         """The store this plan's keys go in: ``store`` as given (the plan's own), else

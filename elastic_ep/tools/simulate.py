@@ -39,6 +39,7 @@ from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import ROUTES, TransferPlan
 from elastic_ep.errors import ConfigError, PlanError, StaleEpochError
 from elastic_ep.runtime.agent import AgentConfig, RankAgent
+from elastic_ep.runtime.executor import plan_role
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,6 @@ class CountingExecutor:
         self.shape = shape
         self.last_epoch = -1
 
-    def _new_rank(self, plan: TransferPlan, old_rank: int | None, new_rank: int | None) -> int | None:
-        """The new rank this process fills (None for a rank that leaves)."""
-        m = plan.mapping
-        if old_rank is not None:
-            if old_rank not in m.live_sources:
-                raise PlanError(f"old rank {old_rank} is dead in plan epoch {plan.epoch}; it must not act on it")
-            mapped = m.old_to_new[old_rank]
-            return mapped if mapped >= 0 else None
-        if new_rank is None or not m.num_surviving <= new_rank < m.new_ep_size:
-            raise PlanError(f"a joining process needs a new rank in {m.num_surviving}..{m.new_ep_size - 1}, "
-                            f"got {new_rank}")
-        return new_rank
-
     def _check(self, plan: TransferPlan) -> None:
         s = self.shape
         if plan.epoch <= self.last_epoch:
@@ -114,7 +102,7 @@ class CountingExecutor:
         (no barrier is simulated)."""
         t0 = time.perf_counter()
         self._check(plan)
-        new = self._new_rank(plan, old_rank, new_rank)
+        new = plan_role(plan, old_rank, new_rank)
         moved = dict.fromkeys(ROUTES, 0)
         for t in plan.receives(new) if new is not None else []:
             moved[t.route] += plan.expert_bytes
