@@ -281,6 +281,7 @@ class RankAgent:
         """``(placement, rank, dead ranks)``: route around those ranks' slots until the
         next commit (set after construction, like :attr:`on_fence`)."""
         self._members: list[str] = []  # of the last commit this rank is part of
+        self._peer_records: dict[str, RankRecord] = {}  # token -> registration, as last read
         self._routed_rev = 0
         self.suspected: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=256)
         """(target token, kind, detail) of the suspicions reported, oldest first (the last 256)."""
@@ -817,9 +818,13 @@ class RankAgent:
 
     def _watch_peers_of(self, members: list[str]) -> None:
         call(self.client.delete_prefix, "clear suspicions", f"{self.root}/suspects/{self.cfg.id}/")
-        records = [parse_value(RankRecord.parse, m.key.decode(), v, m.mod_revision)
-                   for v, m in call(self.client.get_prefix, "read ranks", f"{self.root}/ranks/")]
-        known = {r.token: r for r in records if isinstance(r, RankRecord)}
+        # An incarnation's endpoint and node never change: the registrations read when
+        # the plan was accepted serve its commit too (one read of ranks/ per plan).
+        if not set(members) <= self._peer_records.keys():
+            records = [parse_value(RankRecord.parse, m.key.decode(), v, m.mod_revision)
+                       for v, m in call(self.client.get_prefix, "read ranks", f"{self.root}/ranks/")]
+            self._peer_records = {r.token: r for r in records if isinstance(r, RankRecord)}
+        known = self._peer_records
         nodes = {t: r.node for t, r in known.items()}
         peers = monitored_peers(members, self.token, nodes)
         wanted = {t: known[t].endpoint["liveness"] for t in peers
