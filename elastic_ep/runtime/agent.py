@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import functools
 import logging
 import math
 import os
@@ -79,6 +78,7 @@ from elastic_ep.errors import (
     PlanError,
 )
 from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.plan_peers import PlanPeers
 from elastic_ep.runtime.liveness import LivenessServer, PeerMonitor, monitored_peers
 
 log = logging.getLogger(__name__)
@@ -704,32 +704,17 @@ class RankAgent:
         if old_rank is not None:
             self._check_holding(plan, old_rank)
         store = EtcdStore(self.client, self.root, scope=str(rec.epoch))
+        peers = PlanPeers(self.client, self.root, rec, plan.mapping)
         transport = getattr(self.executor, "transport", None)
         if transport is not None:
-            transport.abort = functools.partial(self._abort_reason, rec)
+            transport.abort, transport.gone = peers.abort_reason, peers.gone
         try:
-            report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store)
+            report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store,
+                                           gone=peers.gone)
         finally:
             if transport is not None:
-                transport.abort = None
+                transport.abort = transport.gone = None
         return report.bytes_by_route(), report.phase_seconds
-
-    def _abort_reason(self, rec: PlanRecord) -> str:
-        """Why plan ``rec``'s waits should end now: a newer plan is out, or a participant's
-        registration is gone (the controller revoked it on a confirmed death: its peers
-        would wait for it until their deadlines); "" otherwise, and when etcd cannot say.
-        Asked only while a wait is blocked (about ten times a second)."""
-        try:
-            raw, _ = call(self.client.get, "read epoch", f"{self.root}/epoch")
-            newest = parse_epoch(f"{self.root}/epoch", raw) if raw is not None else 0
-            if newest > rec.epoch:
-                return f"plan epoch {newest} superseded epoch {rec.epoch}"
-            keys = call(self.client.get_prefix, "read rank keys", f"{self.root}/ranks/", keys_only=True)
-            here = {m.key.decode().rpartition("/")[2] for _, m in keys}
-        except Exception:  # no answer is no reason to give up
-            return ""
-        gone = [p for p in rec.participants() if member_id(p) not in here]
-        return f"participants {gone} of epoch {rec.epoch} are gone" if gone else ""
 
     def _check_holding(self, plan: TransferPlan, old_rank: int) -> None:
         """Raise :class:`PlanError` unless the weights hold old rank ``old_rank``'s slots

@@ -292,12 +292,15 @@ class PlanExecutor:
 
     # -- the one verb ------------------------------------------------------------------
     def execute(
-        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None
+        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None,
+        gone: Callable[[int], bool] | None = None,
     ) -> ExecutionReport:
         """Carry out this process's part of ``plan``: ``old_rank`` for a process that
         held weights before (``new_rank`` follows from the mapping), ``new_rank`` alone
         for a joining one. ``store``: this plan's own store (its keys are not shared with
-        another plan), replacing the constructor's for this call. Returns once every live
+        another plan), replacing the constructor's for this call. ``gone``: participant
+        -> confirmed dead by the controller; the barrier stops waiting for such a one at
+        once instead of when its heartbeat goes stale. Returns once every live
         participant has passed the last layer."""
         t0 = time.perf_counter()
         old_rank, new_rank = self._check_plan(plan, old_rank, new_rank)
@@ -308,6 +311,8 @@ class PlanExecutor:
             o = self.options
             heartbeat = StoreHeartbeat(run.store, EXEC_PREFIX, run.me, o.heartbeat_s, o.dead_after_s).start()
             liveness = heartbeat
+        if gone is not None:
+            liveness = _UnlessGone(liveness, gone)
         try:
             run.execute(liveness)
         finally:
@@ -317,6 +322,17 @@ class PlanExecutor:
         run.report.seconds = time.perf_counter() - t0
         log.info("epoch %d executed: %s", plan.epoch, run.report.to_dict())
         return run.report
+
+
+@dataclass(frozen=True)
+class _UnlessGone:
+    """A participant is alive by ``liveness`` and not confirmed ``gone``."""
+
+    liveness: Liveness
+    gone: Callable[[int], bool]
+
+    def alive(self, participant: int) -> bool:
+        return self.liveness.alive(participant) and not self.gone(participant)
 
 
 @dataclass

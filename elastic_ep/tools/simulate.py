@@ -96,10 +96,11 @@ class CountingExecutor:
                             f"simulated ranks {s.num_layers} x {s.slots_per_rank} of {s.expert_bytes} B")
 
     def execute(
-        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None
+        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None,
+        gone: Any = None,
     ) -> CountedReport:
-        """This rank's part of ``plan``, counted. ``store`` is accepted and left untouched
-        (no barrier is simulated)."""
+        """This rank's part of ``plan``, counted. ``store`` and ``gone`` are accepted and
+        left untouched (no barrier is simulated)."""
         t0 = time.perf_counter()
         self._check(plan)
         new = plan_role(plan, old_rank, new_rank)

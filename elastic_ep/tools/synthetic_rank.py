@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -209,6 +209,9 @@ class SyntheticRank:
     ``check``: report in every ack how many slots are not bit-exact and serve a request
     stream that checks them (False: neither, for timing runs); ``load_seed`` seeds the
     expert popularity its load windows report (the same for every rank of a deployment).
+    ``freeze``: ``(phase, layer, signal name)``: on reaching that phase of that layer in
+    a transfer plan the process sends itself ``SIGSTOP`` (a rank that hangs
+    mid-plan) or ``SIGKILL`` (one that crashes), e.g. ``("peer", 1, "SIGSTOP")``.
     """
 
     etcd: EtcdConfig
@@ -224,6 +227,7 @@ class SyntheticRank:
     routes: tuple[str, ...] = ROUTES
     check: bool = True
     load_seed: int = 0
+    freeze: tuple[str, int, str] | None = None
 
     def settings(self) -> AgentSettings:
         cfg = AgentConfig(self.etcd, self.id, node=self.node, lease_ttl_s=self.lease_ttl_s,
@@ -248,8 +252,20 @@ def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, tor
     )
     agent = build_agent(rank.settings(), RankExperts(weights, layout, disk, spec.experts), hooks,
                         source_timeout_s=rank.source_timeout_s, dead_after_s=rank.dead_after_s,
-                        heartbeat_s=min(0.2, rank.dead_after_s / 4), routes=rank.routes)
+                        heartbeat_s=min(0.2, rank.dead_after_s / 4), routes=rank.routes,
+                        on_phase=_freeze_at(*rank.freeze) if rank.freeze else None)
     return agent, weights
+
+
+def _freeze_at(phase: str, layer: int, sig: str) -> Callable[[str, int], None]:
+    """An executor phase hook that sends this process ``sig`` at ``(phase, layer)``."""
+    signum = signal.Signals[sig]
+
+    def hook(at_phase: str, at_layer: int) -> None:
+        if (at_phase, at_layer) == (phase, layer):
+            os.kill(os.getpid(), signum)
+
+    return hook
 
 
 def run_agent(rank: SyntheticRank, stop: threading.Event | None = None) -> None:

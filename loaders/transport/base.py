@@ -204,6 +204,10 @@ class WeightTable:
             raise TransportError(f"malformed peer weight table {d!r:.200}: {e}") from e
 
 
+GONE_POLL_S = 0.1
+"""How often a wait on peers asks :attr:`PeerTransport.gone` about the ones it waits for."""
+
+
 def wait_for_key(store: Any, key: str, deadline: float, poll_s: float = 0.005) -> bytes:
     """``store.get(key)`` once the key exists, or :class:`TransportError` at ``deadline``
     (a ``time.monotonic()`` value). Polls ``check`` so that a peer that never publishes
@@ -254,6 +258,10 @@ class PeerTransport(ABC):
         self.abort: Callable[[], str] | None = None
         """Set by the rank's agent for each plan: why this epoch's waits should end now
         (a participant confirmed dead, a newer plan published), or "" to keep waiting."""
+        self.gone: Callable[[int], bool] | None = None
+        """Set by the rank's agent for each plan: True for a participant the controller
+        confirmed dead (its registration revoked). A read from it still in flight is
+        abandoned at once instead of at its deadline (a frozen peer never answers)."""
 
     # -- registration ------------------------------------------------------------------
     def register_weights(self, weights: Sequence[LayerWeights]) -> None:
@@ -559,19 +567,38 @@ class OneSidedTransport(PeerTransport):
         waiting = dict(by_peer)  # peers whose endpoint has not been seen yet
         running: list[PeerReadOp] = []
         poll = 0.0001
+        ask_gone = time.monotonic() + GONE_POLL_S  # most reads end long before the first ask
         try:
             while True:
                 running += self._start_published(rnd, waiting)
                 running = [op for op in running if not self._settle(rnd, op)]
                 if not waiting and not running:
                     return
-                if time.monotonic() >= rnd.deadline:
+                now = time.monotonic()
+                if now >= rnd.deadline:
                     self._give_up(rnd, waiting, running)
                     return
+                if now >= ask_gone:
+                    ask_gone = now + GONE_POLL_S
+                    running = self._drop_gone(rnd, waiting, running)
                 time.sleep(poll)
                 poll = min(poll * 2, self.poll_s)
         finally:
             self._end(rnd)
+
+    def _drop_gone(self, rnd: ReadRound, waiting: dict[int, list[int]], running: list[PeerReadOp]) -> list[PeerReadOp]:
+        """Abandon the reads of peers confirmed gone (:attr:`gone`); the ops still running."""
+        if self.gone is None:
+            return running
+        keep = []
+        for op in running:
+            if self.gone(op.peer):
+                self._fail_reads(rnd, op.peer, op.reads, f"confirmed gone; {self._abandon(rnd, op)}")
+            else:
+                keep.append(op)
+        for p in [p for p in waiting if self.gone(p)]:
+            self._fail_reads(rnd, p, waiting.pop(p), "confirmed gone before it published its endpoint")
+        return keep
 
     def _start_published(self, rnd: ReadRound, waiting: dict[int, list[int]]) -> list[PeerReadOp]:
         """Start the reads of every waiting peer whose endpoint is known by now."""

@@ -152,28 +152,51 @@ class TorchTransport(TwoSidedTransport):
             for t in self.layout.tensors
         ]
 
-    def _post(self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend]) -> list[tuple[Any, int | None]]:
-        """Post every message; ``(work, read index)`` to wait for: None for a send, -1
-        for NCCL's one fused batch (gloo's works are per message)."""
+    def _post(self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend]) -> list[tuple[Any, int | None, int]]:
+        """Post every message; ``(work, read index, peer)`` to wait for: index None for
+        a send, -1 for NCCL's one fused batch (peer -1: all of them; gloo's works are
+        per message)."""
         assert self.staging is not None
         coalesce = self.backend == "nccl"
-        works: list[tuple[Any, int | None]] = []
+        works: list[tuple[Any, int | None, int]] = []
         if coalesce:
             self.group._start_coalescing(self.staging.device)
         for peer, buf in self._send_buffers(layer, sends):
-            works.append((self.group.send([buf], peer, layer), None))
+            works.append((self.group.send([buf], peer, layer), None, peer))
         for peer, buf, i in self._recv_buffers(reads):
-            works.append((self.group.recv([buf], peer, layer), i))
+            works.append((self.group.recv([buf], peer, layer), i, peer))
         if coalesce:
-            works = [(self.group._end_coalescing(self.staging.device), -1)]
+            works = [(self.group._end_coalescing(self.staging.device), -1, -1)]
         return works
 
-    def _wait(self, layer: int, works: list[tuple[Any, int | None]], n: int, timeout: float) -> list[BaseException | None]:
-        """Wait for every work until ``timeout``; one entry per read (``n`` of them)."""
+    def _wait(self, layer: int, works: list[tuple[Any, int | None, int]], n: int, timeout: float) -> list[BaseException | None]:
+        """Wait for every work until ``timeout``, or until a peer is confirmed gone
+        (:attr:`gone`); one entry per read (``n`` of them). gloo's works complete only
+        inside ``wait``, so the waits run on a thread that is left behind (its group is
+        broken and never used again) when a peer they depend on is gone: a frozen peer
+        neither sends nor resets its connection."""
+        deadline = time.monotonic() + timeout
+        if self.gone is None:
+            return self._wait_all(layer, works, n, deadline)
+        done: list[list[BaseException | None]] = []
+        th = threading.Thread(target=lambda: done.append(self._wait_all(layer, works, n, deadline)),
+                              name="elastic-ep-pg-wait", daemon=True)
+        th.start()
+        # NCCL's fused batch names no peer: any participant may hold it up.
+        peers = sorted({p for _, _, p in works if p >= 0}) or [i for i in range(self.world) if i != self.me]
+        while th.is_alive():
+            th.join(ABORT_POLL_S)
+            dead = [p for p in peers if th.is_alive() and self.gone(p)]
+            if dead:
+                self.broken = self.broken or f"participants {dead} confirmed gone"
+                self.staging_poisoned = True  # a posted receive may still land later
+                return [TransportError(f"layer {layer}: epoch {self.epoch} group abandoned ({self.broken})")] * n
+        return done[0]
+
+    def _wait_all(self, layer: int, works: list[tuple[Any, int | None, int]], n: int, deadline: float) -> list[BaseException | None]:
         assert self.staging is not None
         out: list[BaseException | None] = [None] * n
-        deadline = time.monotonic() + timeout
-        for w, i in works:
+        for w, i, _ in works:
             try:
                 if w.wait(timedelta(seconds=max(0.001, deadline - time.monotonic()))) is False:
                     raise RuntimeError("timed out")

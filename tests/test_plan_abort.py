@@ -1,0 +1,89 @@
+"""A death during a plan costs no more than one outside it: a participant that freezes
+or crashes mid-plan is confirmed dead by its peers and the controller, and the waits
+that depend on it (two-sided reads from it, the layer barrier) end at once.
+
+The ranks wait for a silent participant 60 s by their own deadlines (heartbeat
+staleness, source timeout) and leases are 30 s, so a recovery within the 25 s bound
+below can only come from the confirmed death ending those waits."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from controller.controller import Controller, ControllerConfig, ModelShape
+from controller.etcd_client import EtcdConfig, connect
+from controller.records import CommitRecord, member_id
+from controller.view import read_view
+from elastic_ep.tools.etcd_server import EtcdServer
+from elastic_ep.tools.invariants import check_commit, require
+from elastic_ep.tools.polling import wait_until
+from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
+from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=9)
+SLOTS, LEASE_S, WAIT_S = 4, 30, 60.0
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(d, SPEC)
+    return str(d)
+
+
+def _committed(client: Any, root: str) -> CommitRecord | None:
+    v, _ = client.get(f"{root}/committed")
+    return None if v is None else CommitRecord.parse(f"{root}/committed", v)
+
+
+@pytest.mark.parametrize("transport,freeze", [
+    ("torch", ("peer", 1, "SIGSTOP")),  # the survivors wait in two-sided reads from it
+    ("torch", ("barrier", 1, "SIGSTOP")),  # ... at the layer barrier
+    ("torch", ("peer", 1, "SIGKILL")),
+    ("nixl", ("write", 0, "SIGSTOP")),  # one-sided reads of its frozen memory never end
+])
+def test_a_participant_lost_mid_plan_ends_the_waits_on_it(ckpt, transport, freeze):
+    with EtcdServer() as srv:
+        cfg = EtcdConfig(srv.endpoint, deployment="abort", timeout_s=2.0)
+        ctl = Controller(ControllerConfig(cfg, ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
+                                          id="ctl", min_ranks=4, settle_s=10.0, leader_ttl_s=3,
+                                          confirm_settle_s=0.05))
+        stop = threading.Event()
+        t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+        t.start()
+        ctx = mp.get_context("spawn")
+        procs = {}
+        for rid in ("r0", "r1", "r2", "r3"):
+            rank = SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, transport=transport, lease_ttl_s=LEASE_S, source_timeout_s=WAIT_S,
+                                 dead_after_s=WAIT_S, freeze=freeze if rid == "r2" else None)
+            procs[rid] = ctx.Process(target=run_agent, args=(rank,), daemon=True)
+            procs[rid].start()
+        client = connect(cfg)
+        try:
+            c1 = wait_until(lambda: _committed(client, cfg.root), 120, "the bootstrap commit")
+            time.sleep(1.0)  # peers are watched from the commit on
+            # r3 killed outside a plan: the plan that replaces it stops r2 mid-way.
+            t0 = time.monotonic()
+            os.kill(procs["r3"].pid, signal.SIGKILL)
+            c2 = wait_until(lambda: (c := _committed(client, cfg.root))
+                            and not {"r2", "r3"} & {member_id(m) for m in c.members} and c, 25,
+                            f"a commit without r3 and r2 ({freeze[2]} at {freeze[0]} of layer {freeze[1]})")
+            print(f"{freeze}: kill -> committed without both {time.monotonic() - t0:.2f} s, epochs "
+                  f"{c1.epoch} -> {c2.epoch}; phases {c2.phases}")
+            assert len(c2.members) == 2 and c2.epoch >= c1.epoch + 2
+            require(check_commit(read_view(client, cfg.root, whole_plan=True, loads=True)))
+        finally:
+            stop.set()
+            t.join(10)
+            for p in procs.values():
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                p.join(5)
