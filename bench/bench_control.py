@@ -4,9 +4,13 @@
    ``elastic-ep agent`` processes and time, from the kill, through a watch on the
    deployment's prefix: a peer's suspicion, the registration gone (confirmed and fenced
    by the controller, or its lease expired), the routing around it (coverage: every
-   expert with a live replica served again) and the recovery commit (every expert
-   served, balanced); then restart it and wait until it is committed back in.
-   Prints p50/p99/max of each phase next to the lease TTL.
+   expert with a live replica served again), the last ack of the recovery plan (every
+   rank wrote its slots: every expert served) and the recovery commit (balanced); then
+   restart it and wait until it is committed back in. Prints p50/p99/max of each phase
+   next to the lease TTL, the serving pauses of each recovery plan (the longest hold of
+   a rank's engine lock, and the most paused rank's total, from the acks) and the request
+   stream's view (hits checked, wrong bytes, hits rerouted to a surviving replica, hits
+   for experts with no live replica, summed over the ranks' published counters).
 2. Plan publication for the DeepSeek-V3-sized case (58 MoE layers, 256 experts, 32
    ranks x 9 slots, one rank failed): the fenced transaction that writes the plan,
    against a plain put of the same bytes (ratio).
@@ -33,7 +37,7 @@ import numpy as np  # noqa: E402
 from controller.controller import Controller, ControllerConfig, ModelShape  # noqa: E402
 from controller.etcd_client import EtcdConfig, connect  # noqa: E402
 from elastic_ep.tools.etcd_server import EtcdServer  # noqa: E402
-from controller.records import CommitRecord, PlanRecord  # noqa: E402
+from controller.records import AckRecord, CommitRecord, LoadRecord, PlanRecord  # noqa: E402
 from elastic_ep.core.load_stats import zipf_load  # noqa: E402
 from elastic_ep.core.placement import ExpertPlacement  # noqa: E402
 from elastic_ep.core.plan import build_plan  # noqa: E402
@@ -62,6 +66,7 @@ class Timeline:
     def __init__(self, root: str, victim: str, token: str, epoch: int) -> None:
         self.root, self.victim, self.token, self.epoch = root, victim, token, epoch
         self.at: dict[str, float] = {}
+        self.acks: dict[int, float] = {}
 
     def see(self, events: list) -> None:
         now = time.monotonic()
@@ -76,14 +81,25 @@ class Timeline:
                 name = "masked"
             elif key == f"{self.root}/committed" and CommitRecord.parse(key, ev.value).epoch > self.epoch:
                 name = "committed"
+            elif key.startswith(f"{self.root}/acks/") and type(ev).__name__ == "PutEvent":
+                ack = AckRecord.parse(key, ev.value)
+                if ack.epoch > self.epoch and ack.succeeded:
+                    self.acks[ack.epoch] = now  # the last ack of each epoch
             if name is not None:
                 self.at.setdefault(name, now)
 
+    def finish(self, epoch: int) -> None:
+        """The committed ``epoch``'s last ack: every rank wrote its slots."""
+        if epoch in self.acks:
+            self.at["all_served"] = self.acks[epoch]
 
-PHASES = ("suspected", "confirmed", "masked", "committed")
+
+PHASES = ("suspected", "confirmed", "masked", "all_served", "committed")
+SERVED = ("ok", "bad", "rerouted", "unavailable")
 
 
-def detection(srv: EtcdServer, kills: int, ranks: int, ttl: int, workdir: str) -> list[dict[str, float]]:
+def detection(srv: EtcdServer, kills: int, ranks: int, ttl: int, workdir: str
+              ) -> tuple[list[dict[str, float]], dict[str, int]]:
     """``kills`` times: SIGKILL one rank, time each phase of its recovery from the kill,
     then start it again and wait for it to be committed back in."""
     cfg = EtcdConfig(srv.endpoint, deployment="bench", timeout_s=2.0)
@@ -122,18 +138,38 @@ def detection(srv: EtcdServer, kills: int, ranks: int, ttl: int, workdir: str) -
             c = wait(lambda: (n := committed()) and n.epoch > c.epoch and n, 60, "recovery")
             wait(lambda: "committed" in tl.at, 5, "the commit event")
             client.cancel_watch(watch_id)
+            tl.finish(c.epoch)
             procs[victim].wait(10)
-            out.append({p: tl.at[p] - t0 for p in PHASES if p in tl.at})
-            print(f"kill {k + 1}: {victim} " + ", ".join(f"{p} +{s:.3f} s" for p, s in out[-1].items()), flush=True)
+            out.append({p: tl.at[p] - t0 for p in PHASES if p in tl.at} | _pauses(client, cfg.root, c.epoch))
+            print(f"kill {k + 1}: {victim} " + ", ".join(f"{p} +{s:.3f} s" if p in PHASES else f"{p} {s * 1e3:.2f} ms"
+                                                         for p, s in out[-1].items()), flush=True)
             procs[victim] = _spawn(srv, victim, ckpt, ttl)
             c = wait(lambda: (n := committed()) and len(n.members) == ranks and n, 120, f"{victim} back")
             time.sleep(0.5)
+        served = _served(client, cfg.root)
     finally:
         stop.set()
         for p in procs.values():
             p.kill()
             p.wait(10)
-    return out
+    return out, served
+
+
+def _pauses(client, root: str, epoch: int) -> dict[str, float]:
+    """Serving pauses of plan ``epoch`` from its acks: the longest hold of any rank's
+    engine lock, and the largest total held by one rank."""
+    acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
+    acks = [a for a in acks if a.epoch == epoch and "pause_max" in a.phases]
+    if not acks:
+        return {}
+    return {"pause_max": max(a.phases["pause_max"] for a in acks),
+            "pause_total": max(a.phases["pause_total"] for a in acks)}
+
+
+def _served(client, root: str) -> dict[str, int]:
+    """The request stream's counters summed over the ranks' load records."""
+    loads = [LoadRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/load/")]
+    return {k: sum(ld.served.get(k, 0) for ld in loads) for k in SERVED}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -179,7 +215,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="elastic-ep-bench-control-") as d, EtcdServer() as srv:
-        runs = detection(srv, args.kills, args.ranks, args.ttl, d)
+        runs, served = detection(srv, args.kills, args.ranks, args.ttl, d)
         pub_ms, put_ms, size = publication(srv, args.repeats)
     print(f"\n{'phase (from the kill)':<24}{'p50 s':>8}{'p99 s':>8}{'max s':>8}   lease TTL {args.ttl} s, {len(runs)} kills")
     stats = {}
@@ -188,6 +224,13 @@ def main() -> None:
         stats[p] = _pct(xs, 99)
         print(f"{p:<24}{_pct(xs, 50):>8.3f}{stats[p]:>8.3f}{max(xs, default=float('nan')):>8.3f}"
               + (f"   ({len(runs) - len(xs)} kills without this phase)" if len(xs) < len(runs) else ""))
+    for p, what in (("pause_max", "longest serving pause"), ("pause_total", "most paused rank, total")):
+        xs = [r[p] for r in runs if p in r]
+        print(f"{what:<24}{_pct(xs, 50) * 1e3:>7.2f}m{_pct(xs, 99) * 1e3:>7.2f}m{max(xs, default=float('nan')) * 1e3:>7.2f}m"
+              f"   (ms; per recovery plan, from {len(xs)} plans' acks)")
+    print(f"requests (live ranks' counters): {served['ok']} expert hits checked, {served['bad']} wrong bytes, "
+          f"{served['rerouted']} rerouted to a surviving replica, {served['unavailable']} for experts with no "
+          "live replica")
     print(f"publication (DeepSeek-V3 case, plan head {size / 1024:.0f} KiB): chunks + fenced head {pub_ms:.1f} ms "
           f"vs a plain put of the head {put_ms:.1f} ms ({pub_ms / put_ms:.2f}x)")
     print(f"detect_p99_s={stats['confirmed']:.3f} coverage_p99_s={stats['masked']:.3f} "

@@ -135,7 +135,7 @@ class Recorder:
         self.loads.append((placement, rank))
         return 0
 
-    def execute(self, plan: Any, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None, gone: Any = None):
+    def execute(self, plan: Any, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None, gone: Any = None, hooks: Any = None):
         self.executed.append((plan.epoch, old_rank))
         n = plan.mapping.old_to_new[old_rank] if old_rank is not None else new_rank
         return ExecutionReport(plan.epoch, old_rank, None if n is None or n < 0 else n, 0, plan.mapping.new_ep_size)

@@ -67,6 +67,7 @@ from controller.store import EtcdStore
 from controller.view import parse_value
 from controller.watch import KeyWatch
 
+from elastic_ep.core.layer_switch import without_ranks
 from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.errors import (
@@ -77,8 +78,9 @@ from elastic_ep.errors import (
     MalformedValueError,
     PlanError,
 )
-from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.executor import Participants, PlanExecutor
 from elastic_ep.runtime.plan_peers import PlanPeers
+from elastic_ep.runtime.serving import PlanSwitch, ServingMap
 from elastic_ep.runtime.liveness import LivenessServer, PeerMonitor, monitored_peers
 
 log = logging.getLogger(__name__)
@@ -280,6 +282,15 @@ class RankAgent:
         self.on_routing: Callable[[ExpertPlacement, int, list[int]], None] | None = None
         """``(placement, rank, dead ranks)``: route around those ranks' slots until the
         next commit (set after construction, like :attr:`on_fence`)."""
+        self.serving: ServingMap | None = None
+        """What the engine may route tokens to now (read it holding ``busy``): the held
+        placement, dead ranks masked, and during a plan each layer's switch."""
+        self.on_serving: Callable[[ServingMap, list[int]], None] | None = None
+        """``(map, layers)``: those layers' rows of the map changed (called with ``busy``
+        held; an engine rewrites its router's rows of them)."""
+        self.keep_serving_map = False
+        """Keep :attr:`serving` without an :attr:`on_serving` hook (an engine that reads it
+        directly). With neither, no map is kept (a simulated rank serves nothing)."""
         self._members: list[str] = []  # of the last commit this rank is part of
         self._peer_records: dict[str, RankRecord] = {}  # token -> registration, as last read
         self._routed_rev = 0
@@ -457,6 +468,7 @@ class RankAgent:
 
     def _stop_serving(self, why: str) -> None:
         """The weights are no longer this rank's to serve (fenced, or a failed plan)."""
+        self.serving = None
         had, self._holding = self._holding, None
         self.rank, self.placement = None, None
         if had is not None and self.on_fence is not None:
@@ -650,8 +662,9 @@ class RankAgent:
         # Watch this plan's participants from now: a death mid-plan must be seen as
         # fast as one outside it (joiners have no committed peers yet).
         self._watch_peers(rec.participants())
-        with self.busy:
-            ack = self._execute(rec)
+        # Serving pauses per layer only (elastic_ep.runtime.serving); nothing is served
+        # before the bootstrap load ends.
+        ack = self._execute(rec)
         call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
         if ack.ok:
             self._retry.clear()
@@ -661,11 +674,12 @@ class RankAgent:
         return "failed"
 
     def _execute(self, rec: PlanRecord) -> AckRecord:
-        """This rank's part of ``rec`` (with ``busy`` held): the bootstrap load or the
-        plan's transfers, then the optional check; the ack to write. A failure, or any
-        slot not bit-exact, stops serving before ``busy`` is let go."""
+        """This rank's part of ``rec``: the bootstrap load or the plan's transfers
+        (beside serving), then the optional check; the ack to write. A failure, or any
+        slot not bit-exact, stops serving."""
         t0 = time.perf_counter()
         new_rank = rec.new_members.index(self.token) if self.token in rec.new_members else None
+        masked: set[int] = set()  # new ranks a barrier passed without: not served until the commit
         try:
             if rec.bootstrap:
                 loaded = self.load_initial(rec.placement, new_rank) or 0  # type: ignore[arg-type]
@@ -676,7 +690,7 @@ class RankAgent:
                 part = plan_chunks.load_part(self.client, self.root, rec, self.token).plan
                 assert part is not None
                 read_s = time.perf_counter() - t0
-                moved, phases = self._transfer(rec, part, new_rank)
+                moved, phases, masked = self._transfer(rec, part, new_rank)
                 phases["read_plan"] = read_s
             mismatched = -1
             if self.verify is not None and new_rank is not None:
@@ -692,17 +706,39 @@ class RankAgent:
             log.error("rank %s epoch %d: %s", self.token, rec.epoch, error)
             self._stop_serving(error)
             return AckRecord(rec.epoch, self.token, False, moved, phases, error, mismatched)
-        self._holding = (rec.placement, new_rank) if new_rank is not None else None
+        with self.busy:
+            self._holding = (rec.placement, new_rank) if new_rank is not None else None
+            self._set_serving(ServingMap.of(rec.placement, new_rank, masked)
+                              if new_rank is not None and self._maps_wanted else None)
         return AckRecord(rec.epoch, self.token, True, moved, phases, "", mismatched)
+
+    @property
+    def _maps_wanted(self) -> bool:
+        return self.keep_serving_map or self.on_serving is not None
+
+    def _set_serving(self, m: ServingMap | None) -> None:
+        """Replace the router's map whole (``busy`` held) and tell the engine."""
+        if not self._maps_wanted:
+            return
+        self.serving = m
+        if m is not None and self.on_serving is not None:
+            self.on_serving(m, list(range(m.phy2log.shape[0])))
 
     def _transfer(
         self, rec: PlanRecord, plan: TransferPlan, new_rank: int | None
-    ) -> tuple[dict[str, int], dict[str, float]]:
-        """The executor's run of ``plan`` for this rank; an old rank first proves it
-        holds the plan's old slots (it is a source: it must not send other bytes)."""
+    ) -> tuple[dict[str, int], dict[str, float], set[int]]:
+        """The executor's run of ``plan`` for this rank, beside serving: bytes by route,
+        phase seconds (with the serving pauses), and the new ranks a barrier passed
+        without. An old rank first proves it holds the plan's old slots (it is a source:
+        it must not send other bytes)."""
         old_rank = rec.old_members.index(self.token) if self.token in rec.old_members else None
+        switch = None
         if old_rank is not None:
             self._check_holding(plan, old_rank)
+            if self._maps_wanted:
+                switch = PlanSwitch.start(plan, old_rank, self.busy, self.on_serving)
+                with switch.pauses.hold(self.busy):  # the plan's dead ranks go out of the map now
+                    self._set_serving(switch.current)
         store = EtcdStore(self.client, self.root, scope=str(rec.epoch))
         peers = PlanPeers(self.client, self.root, rec, plan.mapping)
         transport = getattr(self.executor, "transport", None)
@@ -710,11 +746,14 @@ class RankAgent:
             transport.abort, transport.gone = peers.abort_reason, peers.gone
         try:
             report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store,
-                                           gone=peers.gone)
+                                           gone=peers.gone, hooks=switch)
         finally:
             if transport is not None:
                 transport.abort = transport.gone = None
-        return report.bytes_by_route(), report.phase_seconds
+        phases = dict(report.phase_seconds)
+        if switch is not None:
+            phases["pause_max"], phases["pause_total"] = switch.pauses.longest, switch.pauses.total
+        return report.bytes_by_route(), phases, _new_ranks(plan, report.excluded)
 
     def _check_holding(self, plan: TransferPlan, old_rank: int) -> None:
         """Raise :class:`PlanError` unless the weights hold old rank ``old_rank``'s slots
@@ -746,6 +785,10 @@ class RankAgent:
             with self._state_lock:  # a drain() between the check and the move must not be undone
                 if self.state is AgentState.JOINING:
                     self._transition(AgentState.ACTIVE, f"committed as rank {self.rank}")
+            held = self._holding
+            if held is not None and held[1] == self.rank and self._maps_wanted and held[0] == c.placement:
+                with self.busy:  # ranks a barrier passed without are served again
+                    self._set_serving(ServingMap.of(c.placement, self.rank))
             if self.on_commit is not None:
                 self.on_commit(c.placement, self.rank)
             self._members = list(c.members)
@@ -769,7 +812,7 @@ class RankAgent:
         members whose registration is verifiably gone: a forged record can hide no live
         rank. "" when there is nothing new to apply."""
         r, rev = self._value(read, "routing", RoutingRecord.parse)
-        if r is None or rev == self._routed_rev or self.on_routing is None:
+        if r is None or rev == self._routed_rev:
             return ""
         if self.placement is None or self.rank is None or r.epoch != self.committed_epoch:
             return ""
@@ -785,7 +828,13 @@ class RankAgent:
             self._report("routing", rev, f"ignoring {self.root}/routing (revision {rev}): {live} are still registered")
             return ""
         ranks = [self._members.index(t) for t in dead]
-        self.on_routing(self.placement, self.rank, ranks)
+        m = self.serving
+        if m is not None and m.rank == self.rank and self.last_epoch == self.committed_epoch:
+            with self.busy:  # the map is in the committed numbering: no plan ran since
+                m.phy2log = without_ranks(m.phy2log, set(ranks), m.slots_per_rank)
+                self._set_serving(m)
+        if self.on_routing is not None:
+            self.on_routing(self.placement, self.rank, ranks)
         return f"routing around ranks {ranks}"
 
     # -- peer liveness ---------------------------------------------------------------
@@ -909,3 +958,14 @@ class RankAgent:
             self.monitor.close()
         if self.liveness is not None:
             self.liveness.close()
+
+
+def _new_ranks(plan: TransferPlan, excluded: dict[int, list[int]]) -> set[int]:
+    """The new ranks of the participants the plan's barriers passed without."""
+    parts = Participants.of(plan.mapping)
+    out = set()
+    for p in {p for ps in excluded.values() for p in ps}:
+        nr = plan.mapping.old_to_new[parts.old[p]] if p < len(parts.old) else parts.joining[p - len(parts.old)]
+        if nr >= 0:
+            out.add(nr)
+    return out

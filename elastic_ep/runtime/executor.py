@@ -40,11 +40,12 @@ given to the constructor, and ``exec/hb/0`` within a store given as ``store=``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,35 @@ from elastic_ep.core.rank_mapping import RankMapping
 log = logging.getLogger(__name__)
 
 EXEC_PREFIX = "exec"  # the executor's keys within a plan's store
+
+
+class LayerHooks(Protocol):
+    """What serving does around each layer of a plan, so that it runs beside the plan
+    and pauses only for one layer's write (:mod:`elastic_ep.runtime.serving`). Before
+    the plan starts, serving stops naming the slots of layer 0 that the plan rewrites.
+
+    ``writing(layer, excluded)``: held around the copy of the layer's staged slots into
+    the weights. Every live participant (but those in ``excluded``, the ones the
+    barriers passed without so far) has read this layer and written the one before, and
+    this process has not yet said it read the next one (peers may overwrite their slots
+    of it only after that).
+    ``written(layer, excluded)``: every live participant (but ``excluded``) wrote the
+    layer, the last one (the layers before are told by the next ``writing``).
+    """
+
+    def writing(self, layer: int, excluded: list[int]) -> ContextManager[Any]: ...
+
+    def written(self, layer: int, excluded: list[int]) -> None: ...
+
+
+class _NoHooks:
+    def writing(self, layer: int, excluded: list[int]) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def written(self, layer: int, excluded: list[int]) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Participants:
     """Processes executing one plan, indexed ``0 .. world-1``: live old ranks (survivors
@@ -293,18 +323,21 @@ class PlanExecutor:
     # -- the one verb ------------------------------------------------------------------
     def execute(
         self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None,
-        gone: Callable[[int], bool] | None = None,
+        gone: Callable[[int], bool] | None = None, hooks: LayerHooks | None = None,
     ) -> ExecutionReport:
         """Carry out this process's part of ``plan``: ``old_rank`` for a process that
         held weights before (``new_rank`` follows from the mapping), ``new_rank`` alone
         for a joining one. ``store``: this plan's own store (its keys are not shared with
         another plan), replacing the constructor's for this call. ``gone``: participant
         -> confirmed dead by the controller; the barrier stops waiting for such a one at
-        once instead of when its heartbeat goes stale. Returns once every live
-        participant has passed the last layer."""
+        once instead of when its heartbeat goes stale. ``hooks``: serving's side of each
+        layer (with them, one more barrier after the last write tells when every
+        participant wrote it). Returns once every live participant has passed the last
+        layer."""
         t0 = time.perf_counter()
         old_rank, new_rank = self._check_plan(plan, old_rank, new_rank)
         run = _PlanRun.start(self, plan, old_rank, new_rank, self._plan_store(plan.epoch, store))
+        run.hooks = hooks
         heartbeat = None
         liveness = self.options.liveness
         if liveness is None:
@@ -354,6 +387,7 @@ class _PlanRun:
     receives: list[list[Transfer]]
     staging: torch.Tensor
     failed: set[int] = field(default_factory=set)
+    hooks: LayerHooks | None = None
 
     @classmethod
     def start(
@@ -379,7 +413,21 @@ class _PlanRun:
         for layer, recvs in enumerate(self.receives):
             _LayerRun(self, barrier, layer, recvs, [0] * len(recvs)).execute()
             self.note_staging()
+        if self.hooks is not None:
+            # The last layer's writes have no next barrier to tell they are all done.
+            gone = barrier.wait("written")
+            if gone:
+                self.report.excluded[len(self.receives)] = gone
+            self.hooks.written(len(self.receives) - 1, self.excluded())
         self.report.failed_peers = sorted(self.parts.old[i] if i < len(self.parts.old) else -1 for i in self.failed)
+
+    @property
+    def layer_hooks(self) -> LayerHooks:
+        return self.hooks if self.hooks is not None else _NoHooks()
+
+    def excluded(self) -> list[int]:
+        """Every participant a barrier of this plan passed without, so far."""
+        return sorted({p for ps in self.report.excluded.values() for p in ps})
 
     def connect(self) -> None:
         """Join the transport's epoch and register the staging buffer with it."""
@@ -509,16 +557,18 @@ class _LayerRun:
 
     def write(self) -> None:
         layout, named, eb = self.ex.layout, self.ex.weights[self.layer], self.ex.layout.expert_bytes
+        with self.run.layer_hooks.writing(self.layer, self.run.excluded()):
+            for i, tr in enumerate(self.recvs):
+                buf = self.staged(i)
+                for st, off in zip(layout.tensors, layout.offsets):
+                    layout.row_bytes_view(named[st.name], tr.dst_slot).copy_(buf[off : off + st.row_bytes])
+            if self.ex.device.type == "cuda":
+                torch.cuda.synchronize(self.ex.device)
         for i, tr in enumerate(self.recvs):
-            buf = self.staged(i)
-            for st, off in zip(layout.tensors, layout.offsets):
-                layout.row_bytes_view(named[st.name], tr.dst_slot).copy_(buf[off : off + st.row_bytes])
             src = tr.sources[self.delivered[i]]
             self.run.report.outcomes.append(
                 TransferOutcome(self.layer, tr.dst_slot, tr.logical, tr.route, src.route, src.rank, self.attempts[i], eb)
             )
-        if self.ex.device.type == "cuda":
-            torch.cuda.synchronize(self.ex.device)
 
     def read_disk(self, which: list[int]) -> None:
         """Fill transfers ``which`` from the checkpoint: one read per distinct expert,

@@ -20,14 +20,16 @@ weights change, so weights and maps never disagree while the engine runs a step.
 The engine's side of the contract (the agent's ``busy`` lock):
 
 1. Run every forward step inside :meth:`VllmExpertAdapter.step`: it holds the agent's
-   ``busy`` lock, which the agent takes for the whole of a plan's execution (reads,
-   layer barriers, writes) and of the bootstrap load. A step that gets ``False``
-   (weights unknown: nothing loaded yet, or a plan failed half-way) must not run.
-   In a lock-step EP engine, one rank inside a plan stalls every rank's collective
-   step, so all ranks switch together.
-2. Switch to the new weights at once: the adapter rewrites the maps at the end of the
-   writes, still inside the lock (before the controller's commit: the weights already
-   hold the new placement and the old maps would route tokens to wrong experts).
+   ``busy`` lock, which the agent takes for the bootstrap load and, during a plan, only
+   to switch one layer's routing rows or write one layer's staged slots
+   (:mod:`elastic_ep.runtime.serving`): reads and barriers run beside serving. A step
+   that gets ``False`` (weights unknown: nothing loaded yet, or a plan failed half-way)
+   must not run.
+2. Layer by layer during a plan, the routing rows (``logical_to_physical_map``,
+   ``logical_replica_count``) first keep only the slots that do not change, then, once
+   every rank wrote the layer, name the new slots (still in the old numbering). At the
+   end of the writes the adapter rewrites every map to the new placement inside the
+   lock (before the controller's commit: the weights already hold it).
    While the number of physical slots stays the same the maps keep their storage
    (CUDA graphs stay valid); when it changes (ranks joined or left) they are resized
    in place and ``on_maps_resized`` is called to rebind views of them and recapture
@@ -75,6 +77,7 @@ from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.errors import ConfigError, PlacementError
 from elastic_ep.runtime.executor import ExecutionReport, PlanExecutor
+from elastic_ep.runtime.serving import ServingMap
 from elastic_ep.runtime.slots import disk_reference, fill_rank_slots, mismatched_slots
 
 if TYPE_CHECKING:  # the agent brings etcd: imported when an agent is built, not with the adapter
@@ -154,14 +157,17 @@ class _MapUpdatingExecutor(PlanExecutor):
         self.adapter = adapter
 
     def execute(
-        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None
+        self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None,
+        gone: Any = None, hooks: Any = None,
     ) -> ExecutionReport:
         try:
-            report = super().execute(plan, old_rank, new_rank, store=store)
+            report = super().execute(plan, old_rank, new_rank, store=store, gone=gone, hooks=hooks)
         except BaseException:
             self.adapter._weights_lost(f"plan epoch {plan.epoch} failed part-way")
             raise
-        self.adapter._weights_hold(plan.new, report.new_rank)
+        agent = self.adapter.rank_agent
+        with agent.busy if agent is not None else contextlib.nullcontext():  # not mid-step of the engine
+            self.adapter._weights_hold(plan.new, report.new_rank)
         return report
 
 
@@ -299,6 +305,29 @@ class VllmExpertAdapter:
         log.warning("routing around ranks %s; experts with no live replica per layer: %s", dead,
                     {i: u for i, u in enumerate(self.unavailable) if u})
 
+    def on_serving(self, m: ServingMap, layers: list[int]) -> None:
+        """The agent changed rows ``layers`` of its serving map (``busy`` held): rewrite
+        the router's rows of them in place; maps of another width (the numbering changes
+        at the end of a plan, where :meth:`write_maps` rewrites them all) are left."""
+        if self.state is not AdapterState.SERVING or self.placement is None:
+            return
+        if m.phy2log.shape != self.placement.phy2log.shape:
+            return
+        rows = ExpertPlacement(m.phy2log[layers], m.slots_per_rank, m.num_logical)
+        l2p = self.maps.get("logical_to_physical_map")
+        if l2p is not None and l2p.dim() == 3:
+            width = l2p.shape[-1]
+            full = rows.log2phy
+            out = np.full((len(layers), full.shape[1], width), -1, dtype=np.int64)
+            n = min(width, full.shape[2])
+            out[:, :, :n] = full[:, :, :n]
+            l2p[layers] = torch.tensor(out, dtype=l2p.dtype, device=l2p.device)
+        cnt = self.maps.get("logical_replica_count")
+        if cnt is not None:
+            c = rows.logcnt if l2p is None or l2p.dim() != 3 else np.minimum(rows.logcnt, l2p.shape[-1])
+            cnt[layers] = torch.tensor(c, dtype=cnt.dtype, device=cnt.device)
+        self.unavailable = m.unavailable()
+
     def _weights_hold(self, placement: ExpertPlacement, rank: int | None) -> None:
         """The writes of a plan (or the bootstrap load) are done: maps follow at once."""
         if rank is None:  # drained out: this process serves nothing any more
@@ -404,6 +433,7 @@ class VllmExpertAdapter:
             load_window=self.load_window,
             on_fence=lambda why: self._weights_lost(f"rank fenced ({why})"),
             on_routing=self.on_routing,
+            on_serving=self.on_serving,
         )
         experts = RankExperts(self.weights, self.layout, disk, self._num_logical())
         self.rank_agent = build_agent(settings, experts, hooks, functools.partial(_MapUpdatingExecutor, self),

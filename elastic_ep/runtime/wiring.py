@@ -30,6 +30,7 @@ from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.errors import ConfigError
 from elastic_ep.runtime.agent import AgentConfig, RankAgent
 from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.serving import ServingMap
 from elastic_ep.runtime.slots import ExpertReference, check_checkpoint, fill_rank_slots, mismatched_slots
 
 
@@ -90,6 +91,9 @@ class AgentHooks:
         on_routing: ``(placement, rank, dead ranks)`` when the controller confirmed
             members of the committed placement dead: route around their slots
             (:meth:`~elastic_ep.core.placement.ExpertPlacement.masked`) until the next commit.
+        on_serving: ``(serving map, layers)`` when rows of the agent's
+            :class:`~elastic_ep.runtime.serving.ServingMap` changed (``busy`` held): the
+            router's rows of those layers follow.
     """
 
     load_initial: Callable[[ExpertPlacement, int], int | None] | None = None
@@ -98,6 +102,7 @@ class AgentHooks:
     load_window: Callable[[], Any] | None = None
     on_fence: Callable[[str], None] | None = None
     on_routing: Callable[[ExpertPlacement, int, list[int]], None] | None = None
+    on_serving: Callable[[ServingMap, list[int]], None] | None = None
 
 
 def open_checkpoint(
@@ -156,6 +161,7 @@ def build_agent(
     agent.preflight = functools.partial(check_checkpoint, experts.disk, len(experts.weights), experts.num_experts)
     agent.on_fence = hooks.on_fence
     agent.on_routing = hooks.on_routing
+    agent.on_serving = hooks.on_serving
     return agent
 
 

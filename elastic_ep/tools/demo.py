@@ -41,6 +41,7 @@ class Change:
     t_start: float
     marks: dict[str, float] = field(default_factory=dict)  # event -> seconds after t_start
     epoch: int = 0
+    pauses: dict[str, float] = field(default_factory=dict)  # serving pauses of the plan, from its acks
 
 
 class Demo:
@@ -202,8 +203,12 @@ class Demo:
                 s = p.plan.summary()
                 mark("plan", f"plan epoch {p.epoch} published: {s['new_ep_size']} ranks, "
                      f"{len(p.plan.transfers)} slot transfers, {s['missing_experts']} experts with no live replica")
-                if v.acks:
-                    mark("first_ack", f"first rank finished its transfers ({member_id(next(iter(v.acks)))})")
+                acks = {t: a for t, a in v.acks.items() if a.epoch == p.epoch and a.succeeded}
+                if acks:
+                    mark("first_ack", f"first rank finished its transfers ({member_id(next(iter(acks)))})")
+                if set(p.new_members) <= acks.keys():
+                    mark("all_served", "every new member wrote its slots: every expert served again")
+                    ch.pauses = _pauses(acks.values(), p.placement.num_layers)
             c = v.committed
             if c is not None and ch.epoch and c.epoch == ch.epoch:
                 mark("commit", f"epoch {c.epoch} committed: {len(c.members)} ranks, bytes {c.bytes}")
@@ -233,6 +238,8 @@ class Demo:
         c, p = v.committed, v.plan
         ok_req = sum(ld.served.get("ok", 0) for ld in v.loads.values())
         bad_req = sum(ld.served.get("bad", 0) for ld in v.loads.values())
+        rerouted = sum(ld.served.get("rerouted", 0) for ld in v.loads.values())
+        unavailable = sum(ld.served.get("unavailable", 0) for ld in v.loads.values())
         self.checks.append(Check("requests saw only correct expert bytes", bad_req == 0, f"{ok_req} ok, {bad_req} wrong"))
         disk_experts = {str(layer): list(m) for layer, m in enumerate(p.plan.missing) if m} if p and p.plan else {}
         last = self.changes[-1] if self.changes else None
@@ -241,7 +248,7 @@ class Demo:
             phases = {k: round(float(v), 4) for k, v in c.phases.items()}
         if last is not None:
             phases["wall_to_commit"] = round(last.marks.get("commit", 0.0), 4)
-            for mark in ("suspected", "detect", "masked"):
+            for mark in ("suspected", "detect", "masked", "all_served"):
                 if mark in last.marks:
                     phases[{"detect": "gone"}.get(mark, mark)] = round(last.marks[mark], 4)
         ok = all(x.ok for x in self.checks)
@@ -254,7 +261,8 @@ class Demo:
             "disk_experts": disk_experts,
             "changes": [{"kind": x.kind, "ranks": x.ranks, "epoch": x.epoch,
                          "marks": {k: round(v, 4) for k, v in x.marks.items()}} for x in self.changes],
-            "requests": {"ok": ok_req, "bad": bad_req},
+            "requests": {"ok": ok_req, "bad": bad_req, "rerouted": rerouted, "unavailable": unavailable},
+            "serving_pauses": last.pauses if last is not None else {},
             "checks": [{"name": x.name, "ok": x.ok, "detail": x.detail} for x in self.checks],
             "seed": self.args.seed,
             "model": self.model.to_dict() if self.model is not None else None,
@@ -268,6 +276,16 @@ class Demo:
         say("\nrecovery phases (last change)")
         for k, v in r["phases"].items():
             say(f"  {k:<16} {v:8.3f} s")
+        sp = r["serving_pauses"]
+        if sp:
+            say("serving pauses (last plan; the engine's lock held for one layer's switch or write)")
+            say(f"  longest          {sp['longest_s'] * 1e3:8.3f} ms   (one layer's write takes "
+                f"{sp['layer_write_s'] * 1e3:.3f} ms on average)")
+            say(f"  total per rank   {sp['total_s'] * 1e3:8.3f} ms   (most paused rank; the plan ran "
+                f"{sp['plan_s'] * 1e3:.1f} ms)")
+        q = r["requests"]
+        say(f"requests: {q['ok']} expert hits checked, {q['bad']} wrong bytes, {q['rerouted']} rerouted to a "
+            f"surviving replica, {q['unavailable']} for experts with no live replica")
         say("bytes by route")
         for k, v in r["bytes"].items():
             say(f"  {k:<16} {v / 2**20:10.2f} MiB")
@@ -282,6 +300,23 @@ class Demo:
         for x in r["checks"]:
             say(f"  [{'ok' if x['ok'] else 'FAIL'}] {x['name']}" + (f"  ({x['detail']})" if x["detail"] else ""))
         say("\nOK: every invariant held" if r["ok"] else "\nFAILED: see the checks above")
+
+
+def _pauses(acks: Any, num_layers: int) -> dict[str, float]:
+    """The serving pauses of one plan from its acks: the longest hold, the largest
+    per-rank total, the mean layer write and the longest rank's transfer time."""
+    acks = [a for a in acks if "pause_max" in a.phases]
+    if not acks:
+        return {}
+    return {
+        "longest_s": max(a.phases["pause_max"] for a in acks),
+        "total_s": max(a.phases.get("pause_total", 0.0) for a in acks),
+        "layer_write_s": max(a.phases.get("write", 0.0) for a in acks) / max(num_layers, 1),
+        "plan_s": max(sum(v for k, v in a.phases.items() if k in _PLAN_PHASES) for a in acks),
+    }
+
+
+_PLAN_PHASES = ("connect", "local", "peer", "disk", "barrier", "write")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

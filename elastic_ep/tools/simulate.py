@@ -60,7 +60,8 @@ class CountedReport:
 
     ``bytes``: route -> bytes this rank would receive by it, e.g.
     ``{"local": 0, "peer": 176160768, "disk": 88080384}`` (two peer slots, one disk slot
-    of DeepSeek-V3); ``phase_seconds``: the executor's phases, all but ``count`` zero.
+    of DeepSeek-V3); ``phase_seconds``: the executor's phases, all but ``count`` zero;
+    ``excluded``: always empty (no barrier is simulated).
     """
 
     epoch: int
@@ -69,6 +70,7 @@ class CountedReport:
     bytes: dict[str, int]
     phase_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    excluded: dict[int, list[int]] = field(default_factory=dict)
 
     def bytes_by_route(self) -> dict[str, int]:
         return dict(self.bytes)
@@ -97,10 +99,10 @@ class CountingExecutor:
 
     def execute(
         self, plan: TransferPlan, old_rank: int | None = None, new_rank: int | None = None, *, store: Any = None,
-        gone: Any = None,
+        gone: Any = None, hooks: Any = None,
     ) -> CountedReport:
-        """This rank's part of ``plan``, counted. ``store`` and ``gone`` are accepted and
-        left untouched (no barrier is simulated)."""
+        """This rank's part of ``plan``, counted. ``store``, ``gone`` and ``hooks`` are
+        accepted and left untouched (no barrier is simulated, nothing is served)."""
         t0 = time.perf_counter()
         self._check(plan)
         new = plan_role(plan, old_rank, new_rank)

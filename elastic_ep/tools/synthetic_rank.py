@@ -277,6 +277,7 @@ def run_agent(rank: SyntheticRank, stop: threading.Event | None = None) -> None:
     agent, weights = build_rank_agent(rank)
     serving = threading.Event()
     if rank.check:
+        agent.keep_serving_map = True
         threading.Thread(target=serve_requests, args=(agent, rank.spec, rank.spec.layout(), weights, serving),
                          name="elastic-ep-serve", daemon=True).start()
     try:
@@ -289,10 +290,14 @@ def run_agent(rank: SyntheticRank, stop: threading.Event | None = None) -> None:
 
 def serve_requests(agent: Any, spec: ExpertModel, layout: ExpertLayout, weights: list[dict[str, torch.Tensor]],
                    stop: Any, tokens_per_step: int = 64, period_s: float = 0.05) -> None:
-    """A fake request stream: each step routes tokens to logical experts (Zipf-skewed),
-    picks a replica through the placement the weights hold, and for every token landing
-    on this rank checks that slot's bytes against the checkpoint's expert (a digest
-    cached per expert). Counts go to ``agent.served`` (published with the load)."""
+    """A fake request stream: each step (holding the agent's ``busy`` lock, as an
+    engine's forward step does) routes tokens to logical experts (Zipf-skewed) through
+    the agent's serving map, and for every token landing on this rank checks that slot's
+    bytes against the checkpoint's expert (a digest cached per expert). A token's first
+    choice is a replica of the committed placement; one whose choice is routed around
+    (a dead rank, a slot being rewritten) counts as ``rerouted``, one whose expert has no
+    replica left as ``unavailable``. Counts go to ``agent.served`` (published with the
+    load)."""
     import hashlib
 
     import numpy as np
@@ -306,29 +311,42 @@ def serve_requests(agent: Any, spec: ExpertModel, layout: ExpertLayout, weights:
             h.update(rows[name].contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
+    def check(layer: int, e: int, slot: int) -> None:
+        want = digests.get((layer, e))
+        if want is None:
+            want = digests[(layer, e)] = digest_of(spec.expected_row(layer, e))
+        got = digest_of({n: weights[layer][n][slot] for n in layout.names})
+        agent.served["ok" if got == want else "bad"] += 1
+
     popularity = 1.0 / np.arange(1, spec.experts + 1)
     popularity /= popularity.sum()
+    for key in ("rerouted", "unavailable"):
+        agent.served.setdefault(key, 0)
     while not stop.wait(period_s):
-        if not agent.busy.acquire(blocking=False):
+        if not agent.busy.acquire(timeout=1.0):
             continue  # the weights are changing: the step waits, as serving pauses
         try:
-            held = agent.holding
-            if held is None:
+            m, committed = agent.serving, agent.placement
+            if m is None or m.rank is None or agent.holding is None:
                 continue
-            placement, rank = held
-            spr = placement.slots_per_rank
-            log2phy = placement.log2phy
+            spr = m.slots_per_rank
+            first = committed.log2phy if committed is not None and committed.phy2log.shape == m.phy2log.shape else None
             layers = rng.integers(0, spec.layers, tokens_per_step)
             experts = rng.choice(spec.experts, tokens_per_step, p=popularity)
             for layer, e in zip(layers.tolist(), experts.tolist()):
-                replicas = log2phy[layer, e]
-                slot = int(rng.choice(replicas[replicas >= 0]))
-                if slot // spr != rank:
-                    continue  # another rank serves this token
-                want = digests.get((layer, e))
-                if want is None:
-                    want = digests[(layer, e)] = digest_of(spec.expected_row(layer, e))
-                got = digest_of({n: weights[layer][n][slot % spr] for n in layout.names})
-                agent.served["ok" if got == want else "bad"] += 1
+                slots = m.routes(layer, e)
+                if slots.size == 0:
+                    agent.served["unavailable"] += 1
+                    continue
+                pick = -1
+                if first is not None:
+                    replicas = first[layer, e]
+                    pick = int(rng.choice(replicas[replicas >= 0]))
+                if pick < 0 or m.phy2log[layer, pick] != e:
+                    if pick >= 0:
+                        agent.served["rerouted"] += 1
+                    pick = int(rng.choice(slots))
+                if pick // spr == m.rank:
+                    check(layer, e, pick % spr)
         finally:
             agent.busy.release()
