@@ -346,3 +346,25 @@ def test_a_fenced_rank_stops_the_engines_steps_until_it_is_refilled(ckpts):
             agent.stop()
             agent.executor.transport.close()
             client.close()
+
+
+def test_a_plans_layer_switch_rewrites_only_that_layers_router_rows(ckpts):
+    from elastic_ep.runtime.serving import ServingMap
+
+    p2l = torch.full((2, 2 * SLOTS), -1, dtype=torch.int64)
+    l2p = torch.full((2, 8, 5), -1, dtype=torch.int64)
+    cnt = torch.zeros(2, 8, dtype=torch.int64)
+    a = VllmExpertAdapter(vllm_weights(BF16, SLOTS), p2l, logical_to_physical_map=l2p, logical_replica_count=cnt)
+    placement = initial_placement(2, 8, 2, SLOTS)
+    a.load_initial(SafetensorsExpertSource(ckpts["bf16"], BF16.naming, a.layout), placement, 0)
+    ptrs = [t.data_ptr() for t in (p2l, l2p, cnt)]
+    m = ServingMap.of(placement, 0)
+    m.phy2log[1, :SLOTS] = -1  # layer 1 of rank 0 in transition: none of its slots routed to
+    a.on_serving(m, [1])
+    assert [t.data_ptr() for t in (p2l, l2p, cnt)] == ptrs, "rows rewritten in place"
+    assert np.array_equal(l2p[0].numpy(), placement.log2phy[0]), "layer 0 untouched"
+    layer1 = ExpertPlacement(m.phy2log[[1]], SLOTS, 8)
+    assert np.array_equal(l2p[1].numpy(), layer1.log2phy[0, :, :5])
+    assert np.array_equal(cnt[1].numpy(), layer1.logcnt[0]) and cnt[1].sum() == SLOTS
+    left = set(m.phy2log[1][m.phy2log[1] >= 0].tolist())
+    assert a.unavailable == [[], sorted(set(range(8)) - left)] and np.array_equal(p2l.numpy(), placement.phy2log)
