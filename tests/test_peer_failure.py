@@ -3,10 +3,12 @@ membership settle window too (10 s), so a recovery within the waits below can on
 come from peer suspicion confirmed by the controller (a closed liveness connection
 reported, then a failed probe or a quorum), fenced by revoking the lease, and settled
 in the short confirmed-death window. A rank stopped for less than the stall tolerance
-is not removed; one stopped longer is, and comes back as a new member."""
+is not removed; one stopped longer is, and comes back as a new member. A rank whose
+every watcher died with it is left to its lease."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -20,6 +22,7 @@ from controller.controller import Controller, ControllerConfig, ModelShape
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import CommitRecord, member_id
 from controller.view import read_view
+from elastic_ep.runtime.liveness import monitored_peers
 from elastic_ep.tools.etcd_server import EtcdServer
 from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.invariants import check_commit, require
@@ -40,24 +43,33 @@ def ckpt(tmp_path_factory) -> str:
 @pytest.fixture
 def cluster(ckpt):
     """etcd, a controller in this process, and 4 rank processes with 30 s leases."""
+    with _running(ckpt, 4, LEASE_S, SETTLE_S, 0.05) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def _running(ckpt: str, ranks: int, lease_s: int, settle_s: float, confirm_settle_s: float):
+    """etcd, a controller in this process (settle windows ``settle_s`` and, after
+    confirmed deaths, ``confirm_settle_s``), and rank processes r0, r1, ... with
+    ``lease_s`` leases; yields once the bootstrap is committed."""
     with EtcdServer() as srv:
         cfg = EtcdConfig(srv.endpoint, deployment="peers", timeout_s=2.0)
         ctl = Controller(ControllerConfig(cfg, ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
-                                          id="ctl-a", min_ranks=4, settle_s=SETTLE_S, leader_ttl_s=3,
-                                          confirm_settle_s=0.05))
+                                          id="ctl-a", min_ranks=ranks, settle_s=settle_s, leader_ttl_s=3,
+                                          confirm_settle_s=confirm_settle_s))
         stop = threading.Event()
         t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
         t.start()
         ctx = mp.get_context("spawn")
         procs = {}
-        for rid in ("r0", "r1", "r2", "r3"):
-            p = ctx.Process(target=run_agent, args=(SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, lease_ttl_s=LEASE_S),),
+        for rid in (f"r{i}" for i in range(ranks)):
+            p = ctx.Process(target=run_agent, args=(SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, lease_ttl_s=lease_s),),
                             daemon=True)
             p.start()
             procs[rid] = p
         client = connect(cfg)
         try:
-            c = _wait(lambda: _committed(client, cfg.root), 120, "the bootstrap commit")
+            c = _wait(lambda: _committed(client, cfg.root), 120 + settle_s, "the bootstrap commit")
             # Peers are watched from the commit on: give the monitors a moment to connect.
             time.sleep(1.0)
             yield ctl, procs, client, cfg.root, c
@@ -160,3 +172,40 @@ def test_one_reporter_with_a_cut_link_evicts_no_one():
                 a.stop()
             for t in threads:
                 t.join(10)
+
+
+def test_a_rank_whose_every_watcher_died_with_it_is_removed_by_its_lease(ckpt):
+    """A whole node lost: the rank is stopped (a lost node closes no connection) and
+    the two ranks that watch it are killed at the same moment. Nobody is left to report
+    it; the settle windows (8 s) hold the plan that would give it new watchers, so its
+    registration can only go with its 2 s lease: after about the TTL, with no report of
+    it and no confirmation but its watchers'. Then the deployment recovers on the two
+    ranks left."""
+    lease_s, settle_s = 2, 8.0
+    with _running(ckpt, 5, lease_s, settle_s, settle_s) as (ctl, procs, client, root, c1):
+        members = list(c1.members)
+        victim = members[2]
+        watchers = [m for m in members if m != victim and victim in monitored_peers(members, m, {})]
+        assert [member_id(w) for w in watchers] == [member_id(m) for m in members[:2]], watchers
+        reports: set[str] = set()
+
+        def gone() -> bool:
+            reports.update(m.key.decode() for _, m in client.get_prefix(f"{root}/suspects/")
+                           if m.key.decode().endswith(f"/{member_id(victim)}"))
+            return client.get(f"{root}/ranks/{member_id(victim)}")[0] is None
+
+        os.kill(procs[member_id(victim)].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        for w in watchers:
+            os.kill(procs[member_id(w)].pid, signal.SIGKILL)
+        _wait(gone, lease_s + 5, f"{victim}'s registration to go")
+        after = time.monotonic() - t0
+        print(f"{victim} unwatched from the strike; its registration went {after:.2f} s later; reports {reports}")
+        # Refreshed every third of the TTL, the lease had at least 2/3 of it left.
+        assert after >= lease_s * 2 / 3 - 0.1, after
+        assert not reports and _confirmed(ctl) <= len(watchers), (reports, _confirmed(ctl))
+        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, settle_s + 60,
+                   "the recovery commit")
+        assert sorted(c2.members) == sorted(set(members) - {victim, *watchers}), c2.members
+        assert _confirmed(ctl) == len(watchers)
+        require(check_commit(read_view(client, root, whole_plan=True, loads=True)))

@@ -6,7 +6,12 @@ Faults (:data:`FAULTS`): SIGKILL of one or two ranks, of every holder of some lo
 expert (forcing disk reads), of a rank while a plan is being executed, of the leader
 controller; an etcd restart; a rank joining right after a failure; a second failure
 before the first recovery committed; hostile values written where a rank may write,
-then a kill.
+then a kill. False suspicion, tested rather than assumed: a rank stopped (SIGSTOP) for
+less than the stall tolerance and resumed is not removed; one stopped longer is removed
+while stopped and, resumed, serves nothing until it is a member again under a new
+incarnation; one rank whose link to a healthy peer is cut (its heartbeats dropped) does
+not evict it; a whole node gone silent, every watcher of one of its ranks with it, still
+loses that rank to its lease.
 
 A step either does what its name says or says why not: every kill is checked (the
 process is gone, killed by SIGKILL), and a step that did less because the ranks left
@@ -19,9 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -29,9 +37,11 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import AckRecord, PlanRecord, member_id
+from controller.records import AckRecord, LoadRecord, PlanRecord, RankRecord, SuspectRecord, member_id
 from controller.view import ClusterView, read_view
 from elastic_ep.errors import ElasticEPError, EtcdError
+from elastic_ep.runtime.agent import AgentConfig
+from elastic_ep.runtime.liveness import monitored_peers
 from elastic_ep.tools.etcd_server import EtcdServer
 from elastic_ep.tools.invariants import InvariantError, check_commit, require
 from elastic_ep.tools.polling import wait_for
@@ -41,7 +51,30 @@ __all__ = ["FAULTS", "ChaosCluster", "HostileKey", "InvariantError", "StepResult
            "write_hostile_values"]
 
 FAULTS = ("kill_one", "kill_two", "kill_holders", "kill_in_transfer", "kill_leader", "restart_etcd",
-          "join_after_failure", "double_failure", "hostile_values")
+          "join_after_failure", "double_failure", "hostile_values", "stall_short", "stall_long", "cut_link",
+          "node_loss")
+
+STALL_TOLERANCE_S = AgentConfig.stall_tolerance_s
+"""How long a watched peer may be silent before its watchers report it (``elastic-ep
+agent`` runs the agents' default; a crash is reported at once)."""
+SHORT_STALL = 0.3
+"""``stall_short`` stops a rank for this fraction of the stall tolerance."""
+LOAD_PERIOD_S = AgentConfig.load_period_s
+"""How often a serving rank publishes its load window (with its served counters)."""
+SERVE_STEP_TOKENS = 64
+"""Tokens per step of a synthetic rank's request stream: the served counter's largest jump."""
+FENCED_SERVE_S = 0.2
+"""``stall_long``: the serving a resumed rank's counters may show between its last load
+window before the stop and its first as a new member, in seconds at its rate before."""
+CUT_OBSERVE_S = 3.0
+"""How long ``cut_link`` watches a lone report stand (the controller probes its target
+at most once a second)."""
+NODE_RANKS = 3
+"""Ranks of the node ``node_loss`` loses: a joiner's two ring watchers are the two ranks
+that joined just before it, so the last of three joining together is watched by its
+node only."""
+NODE_LEASE_TTL_S = 1
+"""The lease of that node's ranks (see :meth:`ChaosCluster._node_loss`)."""
 
 ETCD_MAX_REQUEST_BYTES = 1_572_864
 """etcd's default ``--max-request-bytes`` (1.5 MiB): the largest value a rank can write."""
@@ -119,6 +152,9 @@ class ChaosCluster:
         self.kills = 0
         self.controller_kills = 0
         self.killed: set[str] = set()
+        self.stopped: set[str] = set()
+        """Processes held by SIGSTOP: running, but not counted as live ranks."""
+        self.nodes_lost = 0
         self.results: list[StepResult] = []
         self._seen: dict[int, _PlanSeen] = {}
         self._base_epoch = 0
@@ -127,7 +163,7 @@ class ChaosCluster:
     def __enter__(self) -> "ChaosCluster":
         self.ckpt = os.path.join(self.workdir, "ckpt")
         make_checkpoint(self.ckpt, self.spec)
-        self.etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd")).start()
+        self.etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd"), binary=self._etcd_binary()).start()
         self.cfg = EtcdConfig(self.etcd.endpoint, deployment="chaos", timeout_s=2.0)
         try:
             for i in range(self.controllers):
@@ -139,6 +175,20 @@ class ChaosCluster:
             self.__exit__()
             raise
         return self
+
+    def _etcd_binary(self) -> str:
+        """etcd with a 50 ms heartbeat and a 500 ms election timeout: its shortest lease
+        is then 1 s instead of 2 s (1.5 election timeouts, in whole seconds), so that
+        the ranks of the node :meth:`_node_loss` loses may hold 1 s leases. A single
+        member elects itself at once; nothing else changes."""
+        real = shutil.which("etcd")
+        if real is None:
+            raise InvariantError("no etcd binary on PATH")
+        path = os.path.join(self.workdir, "etcd-1s-leases.sh")
+        with open(path, "w") as f:
+            f.write(f'#!/bin/sh\nexec {shlex.quote(real)} --heartbeat-interval 50 --election-timeout 500 "$@"\n')
+        os.chmod(path, 0o755)
+        return path
 
     def __exit__(self, *exc: object) -> None:
         for p in self.procs.values():
@@ -163,13 +213,14 @@ class ChaosCluster:
         if not self.live_controllers():
             self._controller(f"ctl-{len([n for n in self.procs if n.startswith('ctl')])}")
 
-    def add_rank(self) -> str:
+    def add_rank(self, *extra: str) -> str:
+        """Start a rank agent; ``extra``: more flags (a later ``--lease-ttl`` wins)."""
         s, rid = self.spec, f"r{self.next_rank}"
         self.next_rank += 1
         self._spawn(rid, ["agent", "--id", rid, "--ckpt", self.ckpt, "--layers", str(s.layers), "--experts",
                           str(s.experts), "--hidden", str(s.hidden), "--intermediate", str(s.intermediate),
                           "--seed", str(s.seed), "--slots", str(self.slots), "--lease-ttl", str(self.lease_ttl),
-                          *self.agent_args])
+                          *self.agent_args, *extra])
         return rid
 
     def kill(self, name: str) -> None:
@@ -185,6 +236,7 @@ class ChaosCluster:
         if p.returncode != -signal.SIGKILL:
             raise InvariantError(f"{name} (pid {p.pid}) ended with {p.returncode}, not by the SIGKILL sent")
         self.killed.add(name)
+        self.stopped.discard(name)
         if name.startswith("r"):
             self.kills += 1
         else:
@@ -215,7 +267,7 @@ class ChaosCluster:
                                  f"under {self.cfg.root} breaks the view every controller reads") from e
 
     def live_ranks(self) -> list[str]:
-        return [n for n, p in self.procs.items() if n.startswith("r") and p.poll() is None]
+        return [n for n, p in self.procs.items() if n.startswith("r") and p.poll() is None and n not in self.stopped]
 
     def live_controllers(self) -> list[str]:
         return [n for n, p in self.procs.items() if n.startswith("ctl") and p.poll() is None]
@@ -255,8 +307,8 @@ class ChaosCluster:
             disk = ack.bytes.get("disk", 0)
             seen.disk[token] = disk if type(disk) is int and disk >= 0 else 0
 
-    def _wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
-        v = wait_for(pred, timeout, 0.05)
+    def _wait(self, pred: Callable[[], Any], timeout: float, what: str, poll_s: float = 0.05) -> Any:
+        v = wait_for(pred, timeout, poll_s)
         if not v:
             raise InvariantError(f"{what} not reached within {timeout:.0f} s (seed {self.seed})")
         return v
@@ -369,11 +421,298 @@ class ChaosCluster:
         return Injected([victim], f"{writes} hostile writes to ranks/, load/ and acks/ keys; then killed {victim}",
                         hostile_writes=writes, started=started)
 
+    # -- stalls, cut links, a lost node ------------------------------------------------
+    def _signal(self, name: str, sig: signal.Signals) -> float:
+        """SIGSTOP or SIGCONT the running process ``name``; returns when (monotonic). A
+        stopped rank is not live: a recovery must go on without it."""
+        p = self.procs[name]
+        if p.poll() is not None:
+            raise InvariantError(f"{name} (pid {p.pid}) had already exited with {p.returncode} before its "
+                                 f"{sig.name} (seed {self.seed}); see {name}.log")
+        os.kill(p.pid, sig)
+        if sig == signal.SIGSTOP:
+            self.stopped.add(name)
+        else:
+            self.stopped.discard(name)
+        return time.monotonic()
+
+    def _require_kept(self, c0: Any, token: str, what: str) -> None:
+        """After ``what``: ``token`` is still the registered member it was at committed
+        epoch ``c0.epoch``, no plan came after that epoch, and routing does not go
+        around it."""
+        v = self.read()
+        c, rec = v.committed, v.ranks.get(member_id(token))
+        wrong = []
+        if c is None or c.epoch != c0.epoch or v.epoch != c0.epoch:
+            wrong.append(f"epoch {c0.epoch} became {v.epoch} (committed {c.epoch if c else None})")
+        if c is not None and token not in c.members:
+            wrong.append(f"the committed members are {c.members}")
+        if rec is None or rec.token != token:
+            wrong.append(f"its registration is {rec.token if rec else None}")
+        if v.routing is not None and token in v.routing.dead:
+            wrong.append(f"routing goes around {v.routing.dead}")
+        if wrong:
+            raise InvariantError(f"{what}, yet {token} was not kept: {'; '.join(wrong)} (seed {self.seed})")
+
+    def _stall_short(self, c0: Any, members: list[str]) -> Injected:
+        victim = self._pick(members)
+        token = _token(c0.members, victim)
+        stopped = self._signal(victim, signal.SIGSTOP)
+        time.sleep(SHORT_STALL * STALL_TOLERANCE_S)
+        held = self._signal(victim, signal.SIGCONT) - stopped
+        if held >= 0.8 * STALL_TOLERANCE_S:  # this machine paused us: the stop was not short
+            return Injected([], f"stopped {victim} for {held:.2f} s", f"stall_short downgraded: the stop lasted "
+                            f"{held:.2f} s, not well under the {STALL_TOLERANCE_S:g} s stall tolerance")
+        # A removal would be under way by now: suspicion after the tolerance, expiry by the TTL.
+        time.sleep(self.lease_ttl + STALL_TOLERANCE_S)
+        self._require_kept(c0, token, f"{victim} was stopped for {held:.2f} s only")
+        return Injected([], f"stopped {victim} for {held:.2f} s (stall tolerance {STALL_TOLERANCE_S:g} s), resumed: "
+                            f"still {token} at epoch {c0.epoch}, no plan, {self.lease_ttl + STALL_TOLERANCE_S:g} s "
+                            f"later", started=time.monotonic())
+
+    def _stall_long(self, c0: Any, members: list[str]) -> Injected:
+        victim = self._pick(members)
+        token = _token(c0.members, victim)
+        served, rate, seen = self._fresh_load(victim)
+        stopped = self._signal(victim, signal.SIGSTOP)
+        self._wait(self._stable, self.recover_timeout_s, f"recovery without {victim} while it is stopped")
+        away = time.monotonic() - stopped
+        # Resumed a load period after its last window, it publishes the next one as soon
+        # as it holds slots again: its counters are read right after its refill.
+        time.sleep(max(0.0, seen + LOAD_PERIOD_S - time.monotonic()))
+        start = self._revision()
+        resumed = self._signal(victim, signal.SIGCONT)
+        v = self._wait(self._stable, self.recover_timeout_s, f"{victim} a member again after it resumed")
+        back = time.monotonic() - resumed
+        new = _token(v.committed.members, victim)
+        if new == token:
+            raise InvariantError(f"{victim}, stopped {away:.2f} s while the deployment went on without it, is a "
+                                 f"member again under its old token {token}: it was not fenced (seed {self.seed})")
+        first = self._wait(lambda: self._first_load(victim, start, new), LOAD_PERIOD_S + 10,
+                           f"the first load window of {new}", 0.2)
+        extra = _served(first) - served
+        # It may count what it served between its last window and the stop (our poll's
+        # lag) and between its refill and its first window (an ack and a put): moments.
+        # Serving before it is refilled, through the controller's settle window and the
+        # plan, would count for tenths of a second: allow 0.2 s, and a quarter step.
+        allowed = rate * FENCED_SERVE_S + SERVE_STEP_TOKENS / 4
+        if extra > allowed:
+            raise InvariantError(f"{victim} counted {extra} requests served between its last load window before "
+                                 f"the stop and its first as {new}, {back:.2f} s after it resumed; at {rate:.0f}/s "
+                                 f"at most {allowed:.0f} fit the moments it held slots: it served while fenced "
+                                 f"(seed {self.seed})")
+        return Injected([], f"stopped {token} {stopped - seen:.3f} s after a load window; the deployment recovered "
+                            f"without it in {away:.2f} s; resumed, fenced, a member again as {new} {back:.2f} s "
+                            f"later; {extra} requests counted across (<= {allowed:.0f}; serving while fenced: "
+                            f"~{rate * back:.0f} at most)", started=stopped)
+
+    def _fresh_load(self, rid: str) -> tuple[int, float, float]:
+        """Wait for ``rid``'s next load window: the requests it had served by then, its
+        rate over the window before (requests a second) and when the window was seen."""
+        key, client = f"{self.cfg.root}/load/{rid}", self._client()
+
+        def read() -> tuple[LoadRecord | None, int]:
+            raw, meta = client.get(key)
+            try:
+                return (LoadRecord.parse(key, raw), meta.mod_revision) if raw is not None else (None, 0)
+            except ElasticEPError:  # a hostile value left by an earlier step
+                return None, meta.mod_revision
+
+        prev, rev = read()
+        while True:
+            rec, rev = self._wait(lambda: (r := read())[1] > rev and r, LOAD_PERIOD_S * 2 + 10,
+                                  f"a load window from {rid}", 0.01)
+            seen = time.monotonic()
+            if prev is not None and rec is not None:
+                return _served(rec), max(0, _served(rec) - _served(prev)) / max(rec.window_s, 1e-3), seen
+            prev = rec
+
+    def _revision(self) -> int:
+        """etcd's revision now: a marker key is written (under the root, beside every
+        key the deployment reads)."""
+        return int(self._client().put(f"{self.cfg.root}/chaos-marker", b"").header.revision)
+
+    def _history(self, start: int, keys: tuple[str, ...]) -> list[Any]:
+        """Every put and delete, from revision ``start`` up to now, of the keys under the
+        root that start with one of ``keys`` (relative to the root), in order: replayed
+        by a watch (nothing compacts this etcd), whole once the marker written now
+        comes back through it."""
+        from etcd3.utils import prefix_range_end
+
+        root, client = self.cfg.root, self._client()
+        end = self._revision()
+        events: list[Any] = []
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def on(resp: Any) -> None:
+            if isinstance(resp, BaseException):
+                errors.append(resp)
+                done.set()
+                return
+            for e in resp.events:
+                if e.mod_revision >= end:
+                    done.set()
+                elif e.key.decode()[len(root) + 1:].startswith(keys):
+                    events.append(e)
+
+        top = f"{root}/".encode()
+        wid = client.add_watch_callback(top, on, range_end=prefix_range_end(top), start_revision=start)
+        try:
+            if not done.wait(10) or errors:
+                raise InvariantError(f"etcd's history from revision {start} not replayed: {errors or 'no end in 10 s'}")
+        finally:
+            client.cancel_watch(wid)
+            client.close()
+        return events
+
+    def _first_load(self, rid: str, start: int, token: str) -> LoadRecord | None:
+        """The first load window ``rid`` published from revision ``start`` on (None while
+        none): under the lease of its registration as ``token``, and after that
+        incarnation's first ok ack (a window is published only while holding slots,
+        which only a plan's refill gives a new member)."""
+        root = self.cfg.root
+        keys = {f"{root}/ranks/{rid}": "ranks", f"{root}/acks/{rid}": "acks", f"{root}/load/{rid}": "load"}
+        leases, acked = set(), False
+        for e in self._history(start, (f"ranks/{rid}", f"acks/{rid}", f"load/{rid}")):
+            key = e.key.decode()
+            kind = keys.get(key)
+            if type(e).__name__ != "PutEvent" or kind is None:
+                continue
+            if kind == "ranks" and getattr(_parsed(RankRecord.parse, key, e.value), "token", None) == token:
+                leases.add(e.lease)
+            elif kind == "acks":
+                ack = _parsed(AckRecord.parse, key, e.value)
+                acked = acked or (ack is not None and ack.id == token and ack.ok)
+            elif kind == "load" and (e.lease not in leases or not acked):
+                raise InvariantError(f"{rid} published a load window (lease {e.lease:x}) before it was refilled as "
+                                     f"{token} (acked: {acked}): it held slots, and served, while not a member "
+                                     f"(seed {self.seed})")
+            elif kind == "load":
+                return LoadRecord.parse(key, e.value)
+        return None
+
+    def _cut_link(self, c0: Any, members: list[str]) -> Injected:
+        # A joiner is last in ring order: it watches the first two members.
+        target = c0.members[0]
+        tid = member_id(target)
+        probes, start = self._probes_answered(target), self._revision()
+        reporter = self.add_rank("--drop-heartbeats-from", tid)
+        v = self._wait(self._stable, self.recover_timeout_s, f"{reporter}, which drops {tid}'s heartbeats, to join")
+        c1 = v.committed
+        mine = _token(c1.members, reporter)
+        if target not in c1.members or target not in monitored_peers(list(c1.members), mine, _nodes(v)):
+            raise InvariantError(f"{mine} joined but does not watch {target} (members {c1.members}); the cut link "
+                                 f"would cut nothing (seed {self.seed})")
+        # The report may come before the commit that makes the reporter active, which
+        # withdraws it (a reporter's reports are of its last membership): look for it
+        # in etcd's history, and for the controller's probe that answered it.
+        key = f"suspects/{reporter}/{tid}"
+        self._wait(lambda: self._ever_reported(start, key, target), STALL_TOLERANCE_S + 10,
+                   f"{reporter}'s report of {target}", 0.25)
+        time.sleep(CUT_OBSERVE_S)
+        self._require_kept(c1, target, f"{reporter} cut its link to {tid} and reported it silent")
+        probes = self._probes_answered(target) - probes
+        if not probes:
+            raise InvariantError(f"{reporter} reported {target} silent, but no probe of it by the controller "
+                                 f"answered: the controller never judged the report (seed {self.seed})")
+        killed = time.monotonic()
+        self.kill(reporter)
+        return Injected([reporter], f"{reporter} dropped {tid}'s heartbeats and reported {target} silent; the "
+                                    f"controller's probe answered {probes} times; {target} kept at epoch {c1.epoch} "
+                                    f"for {CUT_OBSERVE_S:g} s; then {reporter} killed", started=killed)
+
+    def _ever_reported(self, start: int, key: str, target: str) -> bool:
+        """Whether ``key`` (relative to the root) held a report of ``target`` at some
+        revision from ``start`` on."""
+        full = f"{self.cfg.root}/{key}"
+        return any(type(e).__name__ == "PutEvent" and e.key.decode() == full
+                   and getattr(_parsed(SuspectRecord.parse, full, e.value), "target", None) == target
+                   for e in self._history(start, (key,)))
+
+    def _probes_answered(self, token: str) -> int:
+        """Lines of the controllers' logs saying ``token`` answered a probe."""
+        said = f"{token} is suspected, but answered the controller's probe"
+        n = 0
+        for name in self.procs:
+            if name.startswith("ctl"):
+                with open(os.path.join(self.workdir, f"{name}.log"), "rb") as f:
+                    n += f.read().decode(errors="replace").count(said)
+        return n
+
+    def _node_loss(self, c0: Any, members: list[str]) -> Injected:
+        """A whole node lost: :data:`NODE_RANKS` ranks join with a new node label; the
+        last of them in ring order is watched by its node only (its two ring watchers
+        are its node mates, checked with :func:`monitored_peers`). All of them go
+        silent at once (SIGSTOP: a lost node closes no connection), so nobody reports
+        the last one: its lease must remove it, and the deployment recover.
+
+        The node's leases are :data:`NODE_LEASE_TTL_S`: its mates are confirmed dead by
+        their watchers off the node after the stall tolerance; in the plan without them
+        the lost rank gets watchers off the node, who would report it a tolerance later
+        (2 s after the strike at the earliest); a 1 s lease expires before that (etcd
+        checks expiry every 0.5 s), so the removal is the lease's every time. With the
+        cluster's 2 s leases it would be a race. (Mates killed, not stopped, would be
+        confirmed at once and the lost rank reported 1 s later.) Afterwards the node's
+        ranks are killed: the node does not come back."""
+        node = f"node-{self.nodes_lost}"
+        self.nodes_lost += 1
+        ranks = [self.add_rank("--node", node, "--lease-ttl", str(NODE_LEASE_TTL_S)) for _ in range(NODE_RANKS)]
+        v = self._wait(self._stable, self.recover_timeout_s, f"node {node} ({ranks}) to join")
+        victim, mates = self._unwatched(v, node)
+        token = _token(v.committed.members, victim)
+        start = self._revision()
+        struck = time.monotonic()
+        for name in (victim, *mates):
+            self._signal(name, signal.SIGSTOP)
+        self._wait(lambda: not self._registered(victim), self.recover_timeout_s, f"{victim}'s registration to go")
+        gone = time.monotonic() - struck
+        self._wait(self._stable, self.recover_timeout_s, f"recovery after node {node} was lost")
+        self._require_unreported(start, victim, token)
+        for name in (victim, *mates):
+            self.kill(name)
+        return Injected([victim, *mates], f"node {node} lost: {token} and its only watchers {mates} stopped at "
+                                          f"once; nobody reported it; its lease removed it {gone:.2f} s later; the "
+                                          f"node's ranks killed after the recovery", started=struck)
+
+    def _registered(self, rid: str) -> bool:
+        raw, _ = self._client().get(f"{self.cfg.root}/ranks/{rid}")
+        return raw is not None
+
+    def _unwatched(self, v: ClusterView, node: str) -> tuple[str, list[str]]:
+        """The rank of ``node`` that no rank off the node watches (as the agents choose:
+        :func:`monitored_peers` over the committed members and their registered nodes),
+        and its node mates."""
+        members = list(v.committed.members)
+        nodes = _nodes(v)
+        on_node = [m for m in members if nodes.get(m) == node]
+        for m in on_node if len(on_node) == NODE_RANKS else []:
+            if {w for w in members if w != m and m in monitored_peers(members, w, nodes)} <= set(on_node):
+                return member_id(m), [member_id(w) for w in on_node if w != m]
+        raise InvariantError(f"no rank of node {node} ({on_node}) is watched by its node only, in ring order "
+                             f"{members} (seed {self.seed})")
+
+    def _require_unreported(self, start: int, rid: str, token: str) -> None:
+        """From revision ``start`` until ``rid``'s registration went, nobody reported it:
+        no controller confirmed it, so what removed it was its lease."""
+        root = self.cfg.root
+        events = self._history(start, ("suspects/", f"ranks/{rid}"))
+        gone = [e.mod_revision for e in events
+                if type(e).__name__ == "DeleteEvent" and e.key.decode() == f"{root}/ranks/{rid}"]
+        if not gone:
+            raise InvariantError(f"{token}'s registration never went (seed {self.seed})")
+        reports = [e.key.decode() for e in events if type(e).__name__ == "PutEvent" and e.mod_revision < gone[0]
+                   and e.key.decode().startswith(f"{root}/suspects/") and e.key.decode().rsplit("/", 1)[1] == rid]
+        if reports:
+            raise InvariantError(f"{token} was reported ({reports}) before its registration went: not its lease "
+                                 f"but a suspicion removed it (seed {self.seed})")
+
     _FAULTS: ClassVar[dict[str, Callable[["ChaosCluster", Any, list[str]], Injected]]] = {
         "kill_one": _kill_one, "kill_two": _kill_two, "kill_holders": _kill_holders,
         "kill_in_transfer": _kill_in_transfer, "kill_leader": _kill_leader, "restart_etcd": _restart_etcd,
         "join_after_failure": _join_after_failure, "double_failure": _double_failure,
-        "hostile_values": _hostile_values,
+        "hostile_values": _hostile_values, "stall_short": _stall_short, "stall_long": _stall_long,
+        "cut_link": _cut_link, "node_loss": _node_loss,
     }
 
     _KILLS: ClassVar[dict[str, int]] = {"kill_two": 2, "kill_in_transfer": 2, "double_failure": 2, "kill_holders": 2}
@@ -471,6 +810,28 @@ class ChaosCluster:
             if ack is None or ack.id != token or ack.epoch != c.epoch or not ack.ok:
                 raise InvariantError(f"epoch {c.epoch} committed, but {key} does not hold {token}'s ok ack of "
                                      f"that epoch (seed {self.seed})")
+
+
+def _token(members: list[str], rid: str) -> str:
+    """The member token of rank id ``rid`` among ``members`` ("" if none)."""
+    return next((m for m in members if member_id(m) == rid), "")
+
+
+def _nodes(v: ClusterView) -> dict[str, str]:
+    """Member token -> the node label its registration gives."""
+    return {r.token: r.node for r in v.ranks.values()}
+
+
+def _parsed(parse: Callable[[str, bytes], Any], key: str, raw: bytes) -> Any:
+    """``parse(key, raw)``, or None for a value that is not a valid record."""
+    try:
+        return parse(key, raw)
+    except ElasticEPError:
+        return None
+
+
+def _served(rec: LoadRecord) -> int:
+    return int(rec.served.get("ok", 0)) + int(rec.served.get("bad", 0))
 
 
 def random_schedule(rng: np.random.Generator, steps: int) -> list[str]:

@@ -29,11 +29,15 @@ SCHEDULES = {
     "control-plane": ["kill_leader", "restart_etcd", "kill_in_transfer"],
     "overlapping": ["double_failure", "kill_two"],
     "hostile": ["hostile_values", "kill_one"],
+    "suspicion": ["stall_short", "cut_link", "stall_long", "node_loss"],
 }
 
 KILLS = {"kill_one": 1, "kill_two": 2, "kill_holders": 1, "kill_in_transfer": 2, "kill_leader": 1,
-         "restart_etcd": 0, "join_after_failure": 1, "double_failure": 2, "hostile_values": 1}
-"""Processes each fault kills at least (when not downgraded, one kill less at most)."""
+         "restart_etcd": 0, "join_after_failure": 1, "double_failure": 2, "hostile_values": 1, "stall_short": 0,
+         "stall_long": 0, "cut_link": 1, "node_loss": 3}
+"""Processes each fault kills at least (when not downgraded, one kill less at most): the
+cut link's reporter once it has been shown harmless, the lost node's ranks once it has
+been recovered from."""
 
 
 def test_schedules_cover_every_fault():
@@ -116,6 +120,7 @@ def test_soak_table_keeps_planned_disk_reads_apart_from_fallbacks():
         StepResult("kill_leader", "", 1.0, 3, killed=("ctl-0",)),
         StepResult("kill_in_transfer", "", 9.0, 5, True, killed=("r4", "r5"), unplanned_disk_bytes=1 << 20,
                    disk_bytes=1 << 20),
+        StepResult("stall_short", "", 20.0, 5),  # watched, not a recovery
     ]
     table = "\n".join(report(t))
     print(table)
@@ -123,4 +128,4 @@ def test_soak_table_keeps_planned_disk_reads_apart_from_fallbacks():
     assert "unplanned fallbacks     1 steps, 1.00 MiB" in table
     assert "1 x kill_two downgraded to one kill: capacity" in table
     assert "controllers killed      1" in table
-    assert "median 4.00 s, worst 9.00 s" in table
+    assert "median 4.00 s, worst 9.00 s (kill_in_transfer)" in table
