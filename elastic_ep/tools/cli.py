@@ -361,7 +361,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                              dense_layers=args.dense_layers)
         ckpt = args.ckpt
     rank = SyntheticRank(etcd_config(args), args.id, ckpt, spec, args.slots, args.transport, args.lease_ttl,
-                         node=args.node, routes=tuple(args.routes), check=not args.no_check, load_seed=args.seed)
+                         node=args.node, routes=tuple(args.routes), check=not args.no_check, load_seed=args.seed,
+                         cut_links=tuple(args.drop_heartbeats_from))
     run_agent(rank, stop=_stop_on_signals())
     return 0
 
@@ -466,6 +467,7 @@ def add_control_commands(sub: Any) -> None:
                    help="routes the rank may use; 'disk' alone reloads every changed expert from disk (baseline)")
     a.add_argument("--no-check", action="store_true",
                    help="skip the bit-exact checks and the request stream (for timing runs)")
+    a.add_argument("--drop-heartbeats-from", nargs="+", default=[], metavar="ID", help=argparse.SUPPRESS)
     a.add_argument("-v", "--verbose", action="store_true")
     a.set_defaults(func=cmd_agent)
 
@@ -586,11 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LONG_RUNNING = frozenset({cmd_agent, cmd_controller, cmd_simulate_ranks})
+"""Commands that serve until stopped: they keep Python's SIGPIPE handling (an error on
+the write, not a signal that kills the process)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and hasattr(signal, "SIGPIPE"):
-        # `elastic-ep inspect DIR | head`: stop quietly when the reader goes away.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    if argv is None and hasattr(signal, "SIGPIPE") and args.func not in LONG_RUNNING:
+        # `elastic-ep inspect DIR | head`: stop quietly when the reader goes away. Never
+        # for a process holding sockets to peers: a write to a reset one would kill it.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return args.func(args)
     except ElasticEPError as e:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from controller.etcd_client import EtcdConfig
+from controller.records import member_id
 from loaders.checkpoint.model import ExpertModel
 from loaders.checkpoint.safetensors_source import SafetensorsExpertSource
 from loaders.layout import ExpertLayout
@@ -212,6 +213,8 @@ class SyntheticRank:
     ``freeze``: ``(phase, layer, signal name)``: on reaching that phase of that layer in
     a transfer plan the process sends itself ``SIGSTOP`` (a rank that hangs
     mid-plan) or ``SIGKILL`` (one that crashes), e.g. ``("peer", 1, "SIGSTOP")``.
+    ``cut_links``: rank ids whose liveness heartbeats this rank drops, as a cut link
+    would (:attr:`~elastic_ep.runtime.agent.RankAgent.heartbeat_drop`; a fault hook).
     """
 
     etcd: EtcdConfig
@@ -228,6 +231,7 @@ class SyntheticRank:
     check: bool = True
     load_seed: int = 0
     freeze: tuple[str, int, str] | None = None
+    cut_links: tuple[str, ...] = ()
 
     def settings(self) -> AgentSettings:
         cfg = AgentConfig(self.etcd, self.id, node=self.node, lease_ttl_s=self.lease_ttl_s,
@@ -254,6 +258,9 @@ def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, tor
                         source_timeout_s=rank.source_timeout_s, dead_after_s=rank.dead_after_s,
                         heartbeat_s=min(0.2, rank.dead_after_s / 4), routes=rank.routes,
                         on_phase=_freeze_at(*rank.freeze) if rank.freeze else None)
+    if rank.cut_links:
+        cut = frozenset(rank.cut_links)
+        agent.heartbeat_drop = lambda token: member_id(token) in cut
     return agent, weights
 
 
