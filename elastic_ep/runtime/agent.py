@@ -294,6 +294,7 @@ class RankAgent:
         self._members: list[str] = []  # of the last commit this rank is part of
         self._peer_records: dict[str, RankRecord] = {}  # token -> registration, as last read
         self._routed_rev = 0
+        self._reports: dict[str, str] = {}  # target id -> token, of the reports standing under this lease
         self.suspected: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=256)
         """(target token, kind, detail) of the suspicions reported, oldest first (the last 256)."""
         self.heartbeat_drop: Callable[[str], bool] | None = None
@@ -483,6 +484,10 @@ class RankAgent:
             self._transition(AgentState.FENCED, why)
             with self._lease_lock:
                 lease, self.lease = self.lease, None
+        # Reports go with the lease: the next incarnation watches and reports afresh.
+        self._reports.clear()
+        if self.monitor is not None:
+            self.monitor.watch({})
         wait = self._retry.failed(kind, first_free=True)
         if wait:
             log.warning("rank %s epoch %d: failure %d in a row of kind %s; registering again in %.2f s",
@@ -851,7 +856,6 @@ class RankAgent:
             log.warning("rank %s epoch %d: cannot watch its peers: %s", self.token, self.last_epoch, e)
 
     def _watch_peers_of(self, members: list[str]) -> None:
-        call(self.client.delete_prefix, "clear suspicions", f"{self.root}/suspects/{self.cfg.id}/")
         # An incarnation's endpoint and node never change: the registrations read when
         # the plan was accepted serve its commit too (one read of ranks/ per plan).
         if not set(members) <= self._peer_records.keys():
@@ -863,6 +867,12 @@ class RankAgent:
         peers = monitored_peers(members, self.token, nodes)
         wanted = {t: known[t].endpoint["liveness"] for t in peers
                   if t in known and isinstance(known[t].endpoint.get("liveness"), str)}
+        # Reports on peers still watched stand (the monitor reports a peer once); the
+        # others are withdrawn.
+        for rid, token in list(self._reports.items()):
+            if token not in wanted:
+                call(self.client.delete, "withdraw a suspicion", f"{self.root}/suspects/{self.cfg.id}/{rid}")
+                self._reports.pop(rid, None)
         if self.monitor is None:
             misses = max(1, math.ceil(self.cfg.stall_tolerance_s / self.cfg.heartbeat_s))
             self.monitor = PeerMonitor(self._on_suspect, self.cfg.heartbeat_s, misses, drop=self.heartbeat_drop)
@@ -880,6 +890,7 @@ class RankAgent:
         rec = SuspectRecord(self.token, target, kind, detail[:1000])
         call(self.client.put, f"report {target}", f"{self.root}/suspects/{self.cfg.id}/{member_id(target)}",
              rec.to_json(), lease=lease)
+        self._reports[member_id(target)] = target
 
     def report_fault(self, reason: str) -> None:
         """The engine saw this rank break (a CUDA error, say): stop serving at once and
