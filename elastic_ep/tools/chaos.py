@@ -593,32 +593,36 @@ class ChaosCluster:
         return None
 
     def _cut_link(self, c0: Any, members: list[str]) -> Injected:
-        # A joiner is last in ring order: it watches the first two members.
-        target = c0.members[0]
-        tid = member_id(target)
-        probes, start = self._probes_answered(target), self._revision()
-        reporter = self.add_rank("--drop-heartbeats-from", tid)
-        v = self._wait(self._stable, self.recover_timeout_s, f"{reporter}, which drops {tid}'s heartbeats, to join")
+        # The joiner's place in ring order is the controller's to choose: it drops the
+        # heartbeats of every member, and whichever it watches is its cut target.
+        start = self._revision()
+        before = {m: self._probes_answered(m) for m in c0.members}
+        reporter = self.add_rank("--drop-heartbeats-from", *(member_id(m) for m in c0.members))
+        v = self._wait(self._stable, self.recover_timeout_s, f"{reporter}, which drops every member's heartbeats, to join")
         c1 = v.committed
         mine = _token(c1.members, reporter)
-        if target not in c1.members or target not in monitored_peers(list(c1.members), mine, _nodes(v)):
-            raise InvariantError(f"{mine} joined but does not watch {target} (members {c1.members}); the cut link "
-                                 f"would cut nothing (seed {self.seed})")
-        # The report may come before the commit that makes the reporter active, which
-        # withdraws it (a reporter's reports are of its last membership): look for it
-        # in etcd's history, and for the controller's probe that answered it.
+        cut = {member_id(m) for m in c0.members}
+        watched = [m for m in monitored_peers(list(c1.members), mine, _nodes(v)) if member_id(m) in cut]
+        if not watched:
+            raise InvariantError(f"{mine} joined but watches none of {c0.members} (members {c1.members}); the cut "
+                                 f"link would cut nothing (seed {self.seed})")
+        target, tid = watched[0], member_id(watched[0])
+        probes = before.get(target, 0)
+        # The report may come before the commit that makes the reporter active: look for
+        # it in etcd's history, and for the controller's probe that answered it.
         key = f"suspects/{reporter}/{tid}"
         self._wait(lambda: self._ever_reported(start, key, target), STALL_TOLERANCE_S + 10,
                    f"{reporter}'s report of {target}", 0.25)
         time.sleep(CUT_OBSERVE_S)
-        self._require_kept(c1, target, f"{reporter} cut its link to {tid} and reported it silent")
+        for m in watched:
+            self._require_kept(c1, m, f"{reporter} cut its links to {[member_id(w) for w in watched]}")
         probes = self._probes_answered(target) - probes
         if not probes:
             raise InvariantError(f"{reporter} reported {target} silent, but no probe of it by the controller "
                                  f"answered: the controller never judged the report (seed {self.seed})")
         killed = time.monotonic()
         self.kill(reporter)
-        return Injected([reporter], f"{reporter} dropped {tid}'s heartbeats and reported {target} silent; the "
+        return Injected([reporter], f"{reporter} dropped every member's heartbeats and reported {target} silent; the "
                                     f"controller's probe answered {probes} times; {target} kept at epoch {c1.epoch} "
                                     f"for {CUT_OBSERVE_S:g} s; then {reporter} killed", started=killed)
 
