@@ -13,6 +13,10 @@ Prints, all measured in this run:
   without a surviving replica), averaged over several failed ranks;
 - min_migration's trade-off between extra moves and balance (its move budget per
   layer and the least gain a move must bring);
+- fault-aware placement: per policy, without and with node labels (``node_of``, 4 nodes
+  of 8 ranks), the (layer, expert) pairs whose replicas (two or more) all share one
+  node, moved slots, balance and seconds, and the ratios with/without, in the same run;
+  from DeepSeek's node-local placement (first spread) and from a spread one (steady);
 - scale: both policies' seconds (median of ``--repeat`` runs) at DeepSeek-V3 32, 128
   and 256 ranks x 9 slots (and Kimi-K2, 60 layers x 384 experts, at 128 x 4 with
   ``--kimi``), one rank failing, with balance, moved bytes (GiB, and over the lower
@@ -37,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.eplb_loop import rebalance_loop  # noqa: E402
 from elastic_ep.core.eplb import rebalance_experts  # noqa: E402
+from elastic_ep.core.fault_domains import shared_node_experts  # noqa: E402
 from elastic_ep.core.load_stats import zipf_load  # noqa: E402
 from elastic_ep.core.placement import ExpertPlacement, balance  # noqa: E402
 from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes  # noqa: E402
@@ -115,9 +120,31 @@ def main() -> None:
     ds = statistics.mean(rows["deepseek"]["ratio"])
     print(f"\nmin_migration moves {ds / mm:.1f}x fewer bytes than deepseek; balance "
           f"{statistics.mean(rows['min_migration']['balance']):.3f} vs {statistics.mean(rows['deepseek']['balance']):.3f}")
+    spread(old, load, R, N, G, failed[0])
     if args.scale:
         scale(args.kimi, args.seed, args.repeat)
     print(f"moved_bytes_ratio_min_migration={mm:.3f} moved_bytes_ratio_deepseek={ds:.3f} policy_speedup={speedup:.1f}")
+
+
+def spread(old: ExpertPlacement, load: np.ndarray, R: int, N: int, G: int, dead: int) -> None:
+    """Each policy without and with node labels, one rank failing: shared-node pairs,
+    moved slots, balance, seconds; first from ``old`` (DeepSeek's node-local placement),
+    then from a placement already spread (the steady state)."""
+    nodes = [f"n{r * N // R}" for r in range(R)]
+    m = RankMapping.build(R, dead=[dead])
+    node_of = [nodes[o] for o in m.new_to_old()]
+    steady = DeepSeekPolicy(num_groups=G, num_nodes=N).rebalance(old, RankMapping.build(R), load, node_of=nodes)
+    print(f"\nfault-aware placement: {N} nodes, rank {dead} failing; shared: (layer, expert) pairs with >= 2 "
+          "replicas all on one node (after); x: with labels over without")
+    print(f"{'from':<11}{'policy':<15}{'shared':>15}{'moved slots':>17}{'x':>6}{'balance':>16}{'seconds':>16}{'x':>6}")
+    for start, base in (("node-local", old), ("spread", steady)):
+        for name, policy in (("deepseek", DeepSeekPolicy(num_groups=G, num_nodes=N)), ("min_migration", MinMigrationPolicy())):
+            (t0, a), (t1, b) = (timed(lambda: policy.rebalance(base, m, load, nodes=N, node_of=lab), 3)
+                                for lab in (None, node_of))
+            mv = [moved_bytes(build_plan(base, p, m, 1, epoch=1)) for p in (a, b)]
+            print(f"{start:<11}{name:<15}{shared_node_experts(a, node_of):>7} -> {shared_node_experts(b, node_of):<5}"
+                  f"{mv[0]:>8} -> {mv[1]:<6}{mv[1] / max(mv[0], 1):>6.2f}{balance(a, load):>8.3f} -> "
+                  f"{balance(b, load):.3f}{t0:>8.3f} -> {t1:.3f}{t1 / t0:>6.2f}")
 
 
 def scale(kimi: bool, seed: int, repeat: int) -> None:

@@ -447,7 +447,8 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
         return _too_few(ps, mapping.new_ep_size, memory)
     nodes = ([view.ranks[member_id(m)].node if member_id(m) in view.ranks else "" for m in members]
              + [view.ranks[r].node for r in change.joining])
-    new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes))
+    new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes),
+                                  node_of=_new_nodes(mapping, nodes))
     plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes)
     if not change and not plan.transfers:
         return ps.act(Kind.BALANCED, replace(memory, last_rebalance=ps.now), reason=reason)
@@ -460,12 +461,17 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
     return ps.act(Kind.PUBLISH, memory, epoch=rec.epoch, record=rec, reason=reason)
 
 
+def _new_nodes(mapping: RankMapping, nodes: list[str]) -> list[str]:
+    """The node label of each new rank (``nodes``: one per old rank, then one per
+    joining rank; ``""`` unknown): the policy spreads replicas over them."""
+    return [nodes[o] for o in mapping.new_to_old()[: mapping.num_surviving]] + nodes[mapping.old_ep_size:]
+
+
 def _node_count(mapping: RankMapping, nodes: list[str]) -> int | None:
-    """Distinct non-empty node labels of the new ranks (``nodes``: one per old rank,
-    then one per joining rank), or None when none has a label (the policy then keeps
-    its configured count)."""
-    kept = (nodes[o] for o in mapping.new_to_old()[: mapping.num_surviving])
-    return len({*kept, *nodes[mapping.old_ep_size:]} - {""}) or None
+    """Distinct non-empty node labels of the new ranks (``nodes`` as for
+    :func:`_new_nodes`), or None when none has a label (the policy then keeps its
+    configured count)."""
+    return len(set(_new_nodes(mapping, nodes)) - {""}) or None
 
 
 def _too_few(ps: _Pass, ranks: int, memory: Memory) -> Action:

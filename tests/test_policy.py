@@ -1,10 +1,14 @@
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from elastic_ep.core.eplb import rebalance_experts
+from elastic_ep.core.fault_domains import node_ids, shared_node_experts, shared_node_mask
+from elastic_ep.core.load_stats import zipf_load
 from elastic_ep.errors import ConfigError
 from elastic_ep.core.placement import ExpertPlacement, balance
 from elastic_ep.core.plan import build_plan, lower_bound_bytes, moved_bytes
@@ -241,6 +245,160 @@ def test_deepseek_takes_the_node_count_of_the_new_ranks(rng):
             assert (np.sort(new.rank_slots(r), axis=1) == np.sort(ref[:, r * 4 : (r + 1) * 4], axis=1)).all(), nodes
     with pytest.raises(ConfigError, match="nodes=7 must be between 1 and the new rank count 6"):
         policy.rebalance(old, m, load, nodes=7)
+
+
+# -- fault-aware placement: replicas spread over nodes ---------------------------------------
+SPREAD_POLICIES = [DeepSeekPolicy(), MinMigrationPolicy(), MinMigrationPolicy(max_moves_per_layer=0)]
+
+
+@st.composite
+def case_with_nodes(draw, labels: tuple[str, ...] = ("a", "b", "c", "")):
+    """A placement, a change and a load, with one node label per new rank."""
+    old, m, load = draw(placement_and_change())
+    return old, m, load, draw(st.lists(st.sampled_from(labels), min_size=m.new_ep_size, max_size=m.new_ep_size))
+
+
+def _confined(row: np.ndarray, spr: int, node_of: list[str], e: int) -> bool:
+    """Expert ``e`` of one layer's ``row`` has >= 2 replicas, all on labeled ranks of one node."""
+    nodes = [node_of[s // spr] for s in np.flatnonzero(row == e)]
+    return len(nodes) >= 2 and "" not in nodes and len(set(nodes)) == 1
+
+
+def _allowed_swap(row: np.ndarray, carry: np.ndarray, spr: int, node_of: list[str], ex: int) -> tuple[int, int] | None:
+    """A swap that :func:`spread_over_nodes` allows for confined expert ``ex``, found by
+    trying every pair of slots (its definition written out), or None."""
+    kept = set(carry[carry >= 0].tolist())
+    for x in np.flatnonzero(row == ex):
+        for y in range(row.size):
+            r1, r2, ey = x // spr, y // spr, int(row[y])
+            if not node_of[r2] or node_of[r2] == node_of[r1] or (ey in kept) != (ex in kept):
+                continue
+            if ex in row[r2 * spr:(r2 + 1) * spr] or ey in row[r1 * spr:(r1 + 1) * spr]:
+                continue
+            after = row.copy()
+            after[x], after[y] = ey, ex
+            if not _confined(after, spr, node_of, ey):
+                return int(x), int(y)
+    return None
+
+
+@settings(max_examples=80, deadline=None)
+@given(case_with_nodes())
+def test_spread_keeps_every_invariant_and_leaves_no_confined_expert_with_a_swap(case):
+    """With node labels, each policy's placement is still valid (every rank full, every
+    expert placed, kept slots kept), confines no more (layer, expert) pairs to one node
+    than without labels, and every pair still confined has no allowed swap left: no
+    slot of it can trade places with a slot on another labeled node without putting
+    an expert twice on a rank, confining the partner, or moving a disk read."""
+    old, m, load, node_of = case
+    carry = m.carry_over(old)
+    for policy in SPREAD_POLICIES:
+        plain = policy.rebalance(old, m, load)
+        new = policy.rebalance(old, m, load, node_of=node_of)
+        new.validate()
+        assert new.phy2log.shape == plain.phy2log.shape
+        assert_slots_kept(old, new, m)
+        assert shared_node_experts(new, node_of) <= shared_node_experts(plain, node_of)
+        for layer, e in zip(*np.nonzero(shared_node_mask(new, node_of))):
+            row = new.phy2log[layer]
+            assert _confined(row, old.slots_per_rank, node_of, e)
+            swap = _allowed_swap(row, carry[layer], old.slots_per_rank, node_of, e)
+            assert swap is None, (policy, layer, e, swap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case_with_nodes(labels=("n0", "")), st.booleans())
+def test_one_node_or_no_label_changes_nothing(case, blank):
+    """One node, no label, or a mix of one label and unknown ones: the same placement
+    as without ``node_of``."""
+    old, m, load, node_of = case
+    node_of = [""] * len(node_of) if blank else node_of
+    for policy in SPREAD_POLICIES:
+        assert policy.rebalance(old, m, load, node_of=node_of) == policy.rebalance(old, m, load)
+
+
+@pytest.mark.parametrize("policy", SPREAD_POLICIES[:2], ids=lambda p: p.name)
+def test_spread_leaves_nothing_confined_on_two_nodes(policy, rng):
+    """On node-local placements (DeepSeek's hierarchical policy replicates inside each
+    node) with a rank lost, room on both nodes: no expert stays on one node."""
+    L, E, R, S = 6, 32, 8, 6
+    load = rng.zipf(1.5, (L, E)).astype(np.float64)
+    old = ExpertPlacement(rebalance_experts(load, R * S, 4, 2, R)[0], S, E)
+    before = [f"n{r // 4}" for r in range(R)]
+    assert shared_node_experts(old, before) > 0
+    for m in (RankMapping.build(R, dead=[1]), RankMapping.build(R, num_joining=1), RankMapping.build(R)):
+        node_of = [before[o] if o >= 0 else "n1" for o in m.new_to_old()]
+        new = policy.rebalance(old, m, load, node_of=node_of)
+        assert shared_node_experts(new, node_of) == 0
+        assert balance(new, load) >= balance(policy.rebalance(old, m, load), load) - 0.1
+
+
+def test_spread_searching_windows_first_keeps_the_guarantee(rng, monkeypatch):
+    """Large searches look among the slots of closest load first, then among all:
+    forced on small cases (tiny windows), the guarantee is the same."""
+    import elastic_ep.core.fault_domains as fault_domains
+
+    monkeypatch.setattr(fault_domains, "_SCAN", 0)
+    monkeypatch.setattr(fault_domains, "_WINDOW", 3)
+    for _ in range(25):
+        L, E, R = 3, int(rng.integers(6, 20)), int(rng.integers(3, 8))
+        S = -(-E // R) + int(rng.integers(0, 3))
+        load = rng.zipf(1.5, (L, E)).astype(np.float64)
+        old = ExpertPlacement(rebalance_experts(load, R * S, 1, 1, R)[0], S, E)
+        m = RankMapping.build(R, dead=[int(rng.integers(R))] if (R - 1) * S >= E else [])
+        node_of = rng.choice(["a", "b", "c", ""], m.new_ep_size).tolist()
+        carry = m.carry_over(old)
+        for policy in SPREAD_POLICIES[:2]:
+            new = policy.rebalance(old, m, load, node_of=node_of)
+            assert_slots_kept(old, new, m)
+            for layer, e in zip(*np.nonzero(shared_node_mask(new, node_of))):
+                assert _allowed_swap(new.phy2log[layer], carry[layer], S, node_of, e) is None
+
+
+def test_deepseek_v3_spreads_over_four_nodes_in_modest_time():
+    """58 layers x 256 experts on 32 ranks x 9 slots, 4 nodes of 8, one rank lost, from
+    DeepSeek's hierarchical (node-local) placement: nothing confined afterwards."""
+    L, E, R, S = 58, 256, 32, 9
+    load = zipf_load(L, E, 0.6, 0)
+    old = ExpertPlacement(rebalance_experts(load, R * S, 8, 4, R)[0], S, E)
+    m = RankMapping.build(R, dead=[5])
+    node_of = [f"n{o // 8}" for o in m.new_to_old()]
+    for policy in (DeepSeekPolicy(num_groups=8, num_nodes=4), MinMigrationPolicy()):
+        t = time.perf_counter()
+        plain = policy.rebalance(old, m, load, nodes=4)
+        t_plain = time.perf_counter() - t
+        t = time.perf_counter()
+        new = policy.rebalance(old, m, load, nodes=4, node_of=node_of)
+        t_spread = time.perf_counter() - t
+        moved = [moved_bytes(build_plan(old, p, m, 1)) for p in (plain, new)]
+        print(f"{policy.name}: {t_plain:.3f}s -> {t_spread:.3f}s with node labels; shared-node "
+              f"{shared_node_experts(plain, node_of)} -> {shared_node_experts(new, node_of)}; moved slots "
+              f"{moved[0]} -> {moved[1]}; balance {balance(plain, load):.4f} -> {balance(new, load):.4f}")
+        assert shared_node_experts(new, node_of) == 0
+        assert_slots_kept(old, new, m)
+
+
+def test_shared_node_experts_and_node_ids():
+    p = ExpertPlacement(np.array([[0, 1, 0, 2], [0, 1, 1, 2]]), 2, 3)
+    assert shared_node_experts(p, ["a", "a"]) == 2  # expert 0 in layer 0, expert 1 in layer 1
+    assert shared_node_mask(p, ["a", "a"]).tolist() == [[True, False, False], [False, True, False]]
+    assert shared_node_experts(p, ["a", "b"]) == 0
+    assert shared_node_experts(p, ["a", ""]) == 0  # unknown: no information, not counted
+    assert node_ids(["a", "", "b", "a"], 4).tolist() == [0, -1, 1, 0]
+    with pytest.raises(ConfigError, match="one node label"):
+        node_ids(["a"], 2)
+    with pytest.raises(ConfigError, match="one node label"):
+        MinMigrationPolicy().rebalance(p, RankMapping.build(2), np.ones((2, 3)), node_of=["a", "b", "c"])
+
+
+def test_decide_gives_the_policy_each_new_rank_s_node():
+    from controller.decide import _new_nodes, _node_count
+
+    nodes = ["a", "a", "b", "", "c"]  # four old ranks, then one joining
+    m = RankMapping.build(4, dead=[1], num_joining=1)
+    assert _new_nodes(m, nodes) == ["a", "b", "", "c"]
+    assert _node_count(m, nodes) == 3
+    assert _node_count(RankMapping.build(2), ["", ""]) is None
 
 
 # -- the min_migration of before its layers were batched: a reference for its outputs ------

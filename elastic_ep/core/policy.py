@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
 from elastic_ep.core.eplb import rebalance_experts
+from elastic_ep.core.fault_domains import SLOT_COST, node_ids, spread_over_nodes
 from elastic_ep.errors import ConfigError
 from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.core.rank_mapping import RankMapping
@@ -92,19 +94,36 @@ class RebalancePolicy(ABC):
 
     name: ClassVar[str]
 
+    @property
+    def spread_slot_cost(self) -> float:
+        """What one more changed slot weighs against balance when the placement is
+        spread over nodes (a fraction of the mean rank load; see
+        :func:`~elastic_ep.core.fault_domains.spread_over_nodes`)."""
+        return SLOT_COST
+
     def rebalance(self, old: ExpertPlacement, mapping: RankMapping, load: np.ndarray,
-                  nodes: int | None = None) -> ExpertPlacement:
+                  nodes: int | None = None, node_of: Sequence[str] | None = None) -> ExpertPlacement:
         """``load``: ``[num_layers, num_logical]``; ``nodes``: the number of distinct
         nodes the new ranks run on, when known (a policy that places by node uses it
         instead of its configured count: after a scale-down fewer nodes may be left).
+        ``node_of``: each new rank's node label (``mapping.new_ep_size`` of them, ``""``
+        unknown), e.g. ``["n0", "n0", "n1", "n1"]``: the placement is then spread over
+        nodes (:func:`~elastic_ep.core.fault_domains.spread_over_nodes`), so that an
+        expert with two or more replicas keeps one if a node is lost; with no label or
+        a single one the placement is the same as without ``node_of``.
         Returns a valid placement on ``mapping.new_ep_size`` ranks with
         ``old.slots_per_rank`` slots each, in which an expert that stays on a rank keeps
         its slot there."""
         load = _check_inputs(old, mapping, load)
         if nodes is not None and not 1 <= nodes <= mapping.new_ep_size:
             raise ConfigError(f"nodes={nodes} must be between 1 and the new rank count {mapping.new_ep_size}")
-        carry = mapping.carry_over(old)
-        phy2log = keep_local_slots(carry, self.place(old, mapping, load, carry, nodes), old.slots_per_rank)
+        if node_of is not None:
+            node_ids(node_of, mapping.new_ep_size)  # checked before any work
+        carry, spr = mapping.carry_over(old), old.slots_per_rank
+        phy2log = keep_local_slots(carry, self.place(old, mapping, load, carry, nodes), spr)
+        if node_of is not None:
+            spread = spread_over_nodes(carry, phy2log, load, node_of, spr, self.spread_slot_cost)
+            phy2log = phy2log if spread is phy2log else keep_local_slots(carry, spread, spr)
         new = ExpertPlacement(phy2log, old.slots_per_rank, old.num_logical)
         new.validate()
         return new
@@ -171,6 +190,10 @@ class DeepSeekPolicy(RebalancePolicy):
     num_nodes: int = 1
     name: ClassVar[str] = "deepseek"
 
+    @property
+    def spread_slot_cost(self) -> float:
+        return 0.0  # it moves what balance asks for: spreading serves balance alone too
+
     def place(self, old: ExpertPlacement, mapping: RankMapping, load: np.ndarray, carry: np.ndarray,
               nodes: int | None = None) -> np.ndarray:
         ep = mapping.new_ep_size
@@ -202,6 +225,10 @@ class MinMigrationPolicy(RebalancePolicy):
     min_gain: float = 0.01
     max_moves_per_layer: int = 8
     name: ClassVar[str] = "min_migration"
+
+    @property
+    def spread_slot_cost(self) -> float:
+        return self.min_gain  # what a transfer must bring back in its own moves
 
     def place(self, old: ExpertPlacement, mapping: RankMapping, load: np.ndarray, carry: np.ndarray,
               nodes: int | None = None) -> np.ndarray:
