@@ -45,8 +45,9 @@ from elastic_ep.core.policy import get_policy  # noqa: E402
 from elastic_ep.core.rank_mapping import RankMapping  # noqa: E402
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
-SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=1, seed=1)
-SLOTS = 4
+# The demo's size (`elastic-ep demo` defaults): 4 MoE layers x 16 experts of 768 KiB, 6 slots per rank.
+SPEC = SyntheticSpec(layers=4, experts=16, hidden=512, intermediate=256, dtype="bf16", shards=2, seed=1)
+SLOTS = 6
 
 
 def _spawn(srv: EtcdServer, rid: str, ckpt: str, ttl: int) -> subprocess.Popen:
@@ -163,7 +164,8 @@ def _pauses(client, root: str, epoch: int) -> dict[str, float]:
     if not acks:
         return {}
     return {"pause_max": max(a.phases["pause_max"] for a in acks),
-            "pause_total": max(a.phases["pause_total"] for a in acks)}
+            "pause_total": max(a.phases["pause_total"] for a in acks),
+            "write_max": max(a.phases.get("write_max", 0.0) for a in acks)}
 
 
 def _served(client, root: str) -> dict[str, int]:
@@ -224,7 +226,8 @@ def main() -> None:
         stats[p] = _pct(xs, 99)
         print(f"{p:<24}{_pct(xs, 50):>8.3f}{stats[p]:>8.3f}{max(xs, default=float('nan')):>8.3f}"
               + (f"   ({len(runs) - len(xs)} kills without this phase)" if len(xs) < len(runs) else ""))
-    for p, what in (("pause_max", "longest serving pause"), ("pause_total", "most paused rank, total")):
+    for p, what in (("pause_max", "longest serving pause"), ("write_max", "longest layer copy"),
+                    ("pause_total", "most paused rank, total")):
         xs = [r[p] for r in runs if p in r]
         print(f"{what:<24}{_pct(xs, 50) * 1e3:>7.2f}m{_pct(xs, 99) * 1e3:>7.2f}m{max(xs, default=float('nan')) * 1e3:>7.2f}m"
               f"   (ms; per recovery plan, from {len(xs)} plans' acks)")

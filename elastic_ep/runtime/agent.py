@@ -757,7 +757,9 @@ class RankAgent:
                 transport.abort = transport.gone = None
         phases = dict(report.phase_seconds)
         if switch is not None:
-            phases["pause_max"], phases["pause_total"] = switch.pauses.longest, switch.pauses.total
+            p = switch.pauses
+            phases["pause_max"], phases["pause_total"] = p.longest, p.total
+            phases["write_max"] = max(p.writes, default=0.0)
         return report.bytes_by_route(), phases, _new_ranks(plan, report.excluded)
 
     def _check_holding(self, plan: TransferPlan, old_rank: int) -> None:

@@ -54,9 +54,11 @@ class ServingMap:
 @dataclass
 class Pauses:
     """Every hold of the engine's lock by a plan: ``seconds`` in order; ``longest`` and
-    ``total`` for the ack. Example: ``with pauses.hold(lock): write()``."""
+    ``total`` for the ack; ``writes``: the part of each write hold spent copying the
+    layer's slots (the rest switches map rows). Example: ``with pauses.hold(lock): write()``."""
 
     seconds: list[float] = field(default_factory=list)
+    writes: list[float] = field(default_factory=list)
 
     @contextlib.contextmanager
     def hold(self, lock: threading.Lock) -> Iterator[None]:
@@ -119,7 +121,9 @@ class PlanSwitch:
                 changed.append(layer + 1)
             if self.changed is not None:
                 self.changed(self.current, sorted(changed))
+            t = time.perf_counter()
             yield
+            self.pauses.writes.append(time.perf_counter() - t)
 
     def written(self, layer: int, excluded: list[int]) -> None:
         with self.pauses.hold(self.lock):
