@@ -389,7 +389,9 @@ def _bootstrap(ps: _Pass, memory: Memory) -> Action:
     members = [view.ranks[r].token for r in ready]
     placement = initial_placement(ms.num_layers, ms.num_logical, len(members), ms.slots_per_rank)
     if len(members) > 1:
-        placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)), _load(view, ms))
+        # Spread over nodes from the start: the first recovery then moves no more for it.
+        placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)), _load(view, ms),
+                                                     node_of=[view.ranks[r].node for r in ready])
     rec = PlanRecord(view.epoch + 1, cfg.leader, [], members, None, placement, "bootstrap")
     return ps.act(Kind.BOOTSTRAP, replace(memory, phases={}), epoch=rec.epoch, record=rec, reason=rec.reason)
 

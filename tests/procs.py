@@ -8,7 +8,9 @@ import os
 import queue
 import signal
 import time
+from typing import Any
 
+from controller.records import CommitRecord
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, run_job
 
@@ -83,3 +85,9 @@ def check_exact(plan: TransferPlan, out: dict) -> None:
         n = r["report"]["new_rank"]
         if n is not None:
             assert len(r["outcomes"]) == len(plan.receives(n)), k
+
+
+def read_committed(client: Any, root: str) -> CommitRecord | None:
+    """The deployment's committed record under ``root``, or None before the first commit."""
+    v, _ = client.get(f"{root}/committed")
+    return None if v is None else CommitRecord.parse(f"{root}/committed", v)

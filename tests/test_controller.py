@@ -28,6 +28,7 @@ from elastic_ep.errors import EpochMovedError, EtcdUnavailableError, MalformedVa
 from elastic_ep.tools.polling import wait_for
 from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+from tests.procs import read_committed
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=3)
 SLOTS = 4
@@ -80,10 +81,6 @@ def _register(client, root: str, rid: str, inc: str = "a", state: str = "active"
     return lease.id
 
 
-def _committed(client, root) -> CommitRecord | None:
-    v, _ = client.get(f"{root}/committed")
-    return None if v is None else CommitRecord.parse("committed", v)
-
 
 def _acks(client, root, epoch) -> list[AckRecord]:
     acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
@@ -101,7 +98,7 @@ def cluster(etcd, ckpt):
     client = connect(_cfg(etcd))
     root = _cfg(etcd).root
     try:
-        c = _wait(lambda: _committed(client, root), 90, "bootstrap commit")
+        c = _wait(lambda: read_committed(client, root), 90, "bootstrap commit")
         yield ctl, procs, client, root, c
     finally:
         stop.set()
@@ -126,7 +123,7 @@ def test_bootstrap_then_sigkill_recovers(cluster):
     victim = c1.members[1].split("#")[0]
     t0 = time.monotonic()
     os.kill(procs[victim].pid, signal.SIGKILL)
-    c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 60, "recovery commit")
+    c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, 60, "recovery commit")
     print(f"recovered in {time.monotonic() - t0:.2f} s; phases {c2.phases}; bytes {c2.bytes}")
     assert len(c2.members) == 2 and all(not m.startswith(victim + "#") for m in c2.members)
     _check_invariants(client, root, c2)
@@ -141,7 +138,7 @@ def test_graceful_leave_and_join(cluster, etcd, ckpt):
     ctl, procs, client, root, c1 = cluster
     # A new rank joins: a scale-up plan fills it from peers.
     procs.update(_spawn_agents(etcd, ckpt, ["r3"]))
-    c2 = _wait(lambda: (c := _committed(client, root)) and len(c.members) == 4 and c, 60, "scale-up commit")
+    c2 = _wait(lambda: (c := read_committed(client, root)) and len(c.members) == 4 and c, 60, "scale-up commit")
     _check_invariants(client, root, c2)
     assert c2.bytes.get("peer", 0) > 0 and c2.bytes.get("disk", 0) == 0
     # r0 drains: set its state; it sends, then deletes its key after the commit.
@@ -150,7 +147,7 @@ def test_graceful_leave_and_join(cluster, etcd, ckpt):
     rec["state"] = "draining"
     lease_id = client.get(key)[1].lease_id
     client.put(key, json.dumps(rec), lease=lease_id)
-    c3 = _wait(lambda: (c := _committed(client, root)) and len(c.members) == 3 and c, 60, "scale-down commit")
+    c3 = _wait(lambda: (c := read_committed(client, root)) and len(c.members) == 3 and c, 60, "scale-down commit")
     _check_invariants(client, root, c3)
     assert c3.bytes.get("disk", 0) == 0, "a drained rank's experts must come from it, not disk"
 
@@ -220,7 +217,7 @@ def test_step_acts_on_each_decision(etcd):
         assert boot.kind is Kind.BOOTSTRAP and ctl.view().plan.epoch == 1 and ctl.view().epoch == 1
         assert ctl.step().kind is Kind.WAIT_ACKS
         ack_all(1, boot.record.new_members)
-        assert ctl.step().kind is Kind.COMMIT and _committed(client, root).epoch == 1
+        assert ctl.step().kind is Kind.COMMIT and read_committed(client, root).epoch == 1
         assert ctl.step().kind is Kind.STEADY
         client.delete(f"{root}/ranks/r1")  # r1's lease expired
         assert ctl.step().kind is Kind.SETTLING
@@ -229,7 +226,7 @@ def test_step_acts_on_each_decision(etcd):
         assert pub.kind is Kind.PUBLISH and pub.epoch == 2 and ctl.view().plan.new_members == pub.record.new_members
         ack_all(2, pub.record.participants())
         assert ctl.step().kind is Kind.COMMIT
-        c = _committed(client, root)
+        c = read_committed(client, root)
         assert c.epoch == 2 and len(c.members) == 2 and {"detect", "plan", "transfer"} <= set(c.phases)
         assert c.phases["detect"] >= 0.3 and c.bytes == {"peer": 20}
         assert 'elastic_ep_epoch 2.0' in ctl.metrics.text().decode()
@@ -253,10 +250,10 @@ def test_imbalance_triggers_rebalance_without_membership_change(etcd, ckpt):
     client = connect(_cfg(etcd))
     root = _cfg(etcd).root
     try:
-        c1 = _wait(lambda: _committed(client, root), 90, "bootstrap commit")
+        c1 = _wait(lambda: read_committed(client, root), 90, "bootstrap commit")
         # The bootstrap used a uniform load (no windows yet); the agents' skewed windows
         # arrive within load_period_s and push balance below 0.99.
-        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 60, "rebalance commit")
+        c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, 60, "rebalance commit")
         plan = PlanRecord.parse("plan", client.get(f"{root}/plan")[0])
         assert plan.mapping.is_identity and "imbalance" in plan.reason
         assert c2.members == c1.members
@@ -404,7 +401,7 @@ def test_hostile_values_never_stop_the_controller(etcd):
     ctl = _controller(etcd, min_ranks=3)
     client, root = ctl.client, ctl.root
     with _running(ctl), HandRanks(client, root, ["r0", "r1", "r2"]) as ranks:
-        c1 = _wait(lambda: _committed(client, root), 30, "bootstrap commit")
+        c1 = _wait(lambda: read_committed(client, root), 30, "bootstrap commit")
         lease = client.lease(60)
         for key, raw, leased in HOSTILE:
             client.put(f"{root}/{key}", raw, lease=lease if leased else None)
@@ -413,7 +410,7 @@ def test_hostile_values_never_stop_the_controller(etcd):
         assert _sample(ctl, "elastic_ep_malformed_values_total") >= len({k for k, _, _ in HOSTILE}) - 1
         assert status(_cfg(etcd))["malformed"], "status reports, never fails"
         ranks.kill("r2")
-        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r2 died")
+        c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r2 died")
         assert c2.members == ["r0#a", "r1#a"] and ctl.election.is_leader()
         assert _sample(ctl, "elastic_ep_reconcile_errors_total") == 0
 
@@ -455,7 +452,7 @@ def _bootstrapped(ctl: Controller, ids=("r0", "r1", "r2"), ack: bool = True) -> 
     return leases
 
 
-def test_mismatched_ack_is_never_committed(etcd):
+def test_mismatched_ack_is_neverread_committed(etcd):
     """Bit-exactness is part of success: r2 acks ok with 2 slots wrong. Nothing commits;
     r2 registers again, and the next plan refills its slots without reading from it."""
     ctl = _controller(etcd, min_ranks=3)
@@ -466,10 +463,10 @@ def test_mismatched_ack_is_never_committed(etcd):
             client.put(f"{root}/acks/{rid}", AckRecord(1, f"{rid}#a", True, mismatched=0).to_json())
         client.put(f"{root}/acks/r2", AckRecord(1, "r2#a", True, mismatched=2).to_json())
         a = ctl.step()
-        assert a.kind is Kind.WAIT_FAILED and a.failed == ("r2#a",) and _committed(client, root) is None
+        assert a.kind is Kind.WAIT_FAILED and a.failed == ("r2#a",) and read_committed(client, root) is None
         _register(client, root, "r2", inc="b", state="joining")  # it fenced itself and registered again
         a = ctl.step()
-        assert a.kind is Kind.PUBLISH and a.dead == ("r2#a",) and _committed(client, root) is None
+        assert a.kind is Kind.PUBLISH and a.dead == ("r2#a",) and read_committed(client, root) is None
         plan = plan_chunks.load_plan(client, root, PlanRecord.parse("plan", client.get(f"{root}/plan")[0]))
         assert plan.plan.mapping.dead == {2} and plan.new_members[-1] == "r2#b"
         assert all(s.rank != 2 for t in plan.plan.transfers for s in t.sources)
@@ -523,11 +520,11 @@ def test_malformed_epoch_value_does_not_move_leadership(etcd):
     ctl = _controller(etcd, min_ranks=3)
     client, root = ctl.client, ctl.root
     with _running(ctl), HandRanks(client, root, ["r0", "r1", "r2"]) as ranks:
-        c1 = _wait(lambda: _committed(client, root), 30, "bootstrap commit")
+        c1 = _wait(lambda: read_committed(client, root), 30, "bootstrap commit")
         client.put(f"{root}/epoch", "abc")
         time.sleep(1.0)
         ranks.kill("r1")
-        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r1 died")
+        c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, 30, "commit after r1 died")
         assert c2.epoch == 2 and client.get(f"{root}/epoch")[0] == b"2"
         assert ctl.election.is_leader() and _sample(ctl, "elastic_ep_fenced_writes_total") == 0
 

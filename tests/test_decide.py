@@ -126,6 +126,18 @@ def test_bootstrap_spreads_a_hot_expert() -> None:
     assert (p.logcnt[:, 5] >= 2).all(), p.logcnt
 
 
+def test_bootstrap_spreads_replicas_over_nodes() -> None:
+    from elastic_ep.core.fault_domains import shared_node_experts
+
+    labels = ["n0", "n0", "n1", "n1"]
+    view = ClusterView(ranks=ranks(*(rank(f"r{i}", node=n) for i, n in enumerate(labels))))
+    a = decide(view, Memory(last_rebalance=0.0), replace(CFG, min_ranks=4, settle_s=0.0), T0)
+    assert a.kind is Kind.BOOTSTRAP and a.record is not None
+    p = a.record.placement
+    p.validate()
+    assert (p.logcnt == 2).all() and shared_node_experts(p, labels) == 0, p.phy2log
+
+
 def test_bootstrap_with_too_few_slots_raises_typed() -> None:
     from elastic_ep.errors import ElasticEPError
 

@@ -14,13 +14,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import CommitRecord, member_id
+from controller.records import member_id
 from controller.view import read_view
 from elastic_ep.runtime.liveness import monitored_peers
 from elastic_ep.tools.etcd_server import EtcdServer
@@ -28,6 +27,7 @@ from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+from tests.procs import read_committed
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=5)
 SLOTS, LEASE_S, SETTLE_S = 4, 30, 10.0
@@ -69,7 +69,7 @@ def _running(ckpt: str, ranks: int, lease_s: int, settle_s: float, confirm_settl
             procs[rid] = p
         client = connect(cfg)
         try:
-            c = _wait(lambda: _committed(client, cfg.root), 120 + settle_s, "the bootstrap commit")
+            c = _wait(lambda: read_committed(client, cfg.root), 120 + settle_s, "the bootstrap commit")
             # Peers are watched from the commit on: give the monitors a moment to connect.
             time.sleep(1.0)
             yield ctl, procs, client, cfg.root, c
@@ -83,10 +83,6 @@ def _running(ckpt: str, ranks: int, lease_s: int, settle_s: float, confirm_settl
                 p.join(5)
 
 
-def _committed(client: Any, root: str) -> CommitRecord | None:
-    v, _ = client.get(f"{root}/committed")
-    return None if v is None else CommitRecord.parse(f"{root}/committed", v)
-
 
 def _confirmed(ctl: Controller) -> float:
     return sum(s.value for m in ctl.metrics.confirmed.collect() for s in m.samples if s.name.endswith("_total"))
@@ -97,7 +93,7 @@ def test_a_killed_rank_is_confirmed_by_its_peers_and_replaced_long_before_its_le
     victim = member_id(c1.members[1])
     t0 = time.monotonic()
     os.kill(procs[victim].pid, signal.SIGKILL)
-    c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
+    c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
                "a recovery commit (the lease alone would take 30 s, the settle window 10 s)")
     print(f"kill -> committed {time.monotonic() - t0:.2f} s; phases {c2.phases}")
     assert victim not in {member_id(m) for m in c2.members} and len(c2.members) == 3
@@ -115,18 +111,18 @@ def test_a_short_stall_is_tolerated_and_a_long_one_fenced(cluster):
     time.sleep(0.3)  # well under the 1 s stall tolerance
     os.kill(pid, signal.SIGCONT)
     time.sleep(3.0)
-    now = _committed(client, root)
+    now = read_committed(client, root)
     assert now is not None and now.epoch == c1.epoch and now.members == c1.members, "a short stall evicts no one"
     assert _confirmed(ctl) == 0
     os.kill(pid, signal.SIGSTOP)
     try:
-        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
+        c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, LEASE_S / 2,
                    "the stalled rank planned out")
         assert victim not in {member_id(m) for m in c2.members}
     finally:
         os.kill(pid, signal.SIGCONT)
     # Resumed, it finds its lease revoked, stops serving and joins again as a new member.
-    c3 = _wait(lambda: (c := _committed(client, root)) and victim in {member_id(m) for m in c.members}
+    c3 = _wait(lambda: (c := read_committed(client, root)) and victim in {member_id(m) for m in c.members}
                and c.epoch > c2.epoch and c, 60, "the resumed rank back as a new member")
     old = next(m for m in c1.members if member_id(m) == victim)
     assert old not in c3.members, "it came back under a new incarnation"
@@ -158,11 +154,11 @@ def test_one_reporter_with_a_cut_link_evicts_no_one():
             t.start()
         client = connect(cfg)
         try:
-            c1 = _wait(lambda: _committed(client, cfg.root), 30, "the bootstrap commit")
+            c1 = _wait(lambda: read_committed(client, cfg.root), 30, "the bootstrap commit")
             _wait(lambda: agents[0].suspected, 10, "r0's report on r1")
             assert [(member_id(t), k) for t, k, _ in agents[0].suspected] == [("r1", "silent")]
             time.sleep(2.0)  # passes of the controller that see the report
-            c = _committed(client, cfg.root)
+            c = read_committed(client, cfg.root)
             assert c is not None and c.epoch == c1.epoch and c.members == c1.members
             assert _confirmed(ctl) == 0 and client.get(f"{cfg.root}/routing")[0] is None
             assert not agents[1].suspected and not agents[2].suspected
@@ -204,7 +200,7 @@ def test_a_rank_whose_every_watcher_died_with_it_is_removed_by_its_lease(ckpt):
         # Refreshed every third of the TTL, the lease had at least 2/3 of it left.
         assert after >= lease_s * 2 / 3 - 0.1, after
         assert not reports and _confirmed(ctl) <= len(watchers), (reports, _confirmed(ctl))
-        c2 = _wait(lambda: (c := _committed(client, root)) and c.epoch > c1.epoch and c, settle_s + 60,
+        c2 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c1.epoch and c, settle_s + 60,
                    "the recovery commit")
         assert sorted(c2.members) == sorted(set(members) - {victim, *watchers}), c2.members
         assert _confirmed(ctl) == len(watchers)

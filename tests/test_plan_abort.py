@@ -13,19 +13,19 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import CommitRecord, member_id
+from controller.records import member_id
 from controller.view import read_view
 from elastic_ep.tools.etcd_server import EtcdServer
 from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.polling import wait_until
 from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
+from tests.procs import read_committed
 
 SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=9)
 SLOTS, LEASE_S, WAIT_S = 4, 30, 60.0
@@ -37,10 +37,6 @@ def ckpt(tmp_path_factory) -> str:
     make_checkpoint(d, SPEC)
     return str(d)
 
-
-def _committed(client: Any, root: str) -> CommitRecord | None:
-    v, _ = client.get(f"{root}/committed")
-    return None if v is None else CommitRecord.parse(f"{root}/committed", v)
 
 
 @pytest.mark.parametrize("transport,freeze", [
@@ -67,12 +63,12 @@ def test_a_participant_lost_mid_plan_ends_the_waits_on_it(ckpt, transport, freez
             procs[rid].start()
         client = connect(cfg)
         try:
-            c1 = wait_until(lambda: _committed(client, cfg.root), 120, "the bootstrap commit")
+            c1 = wait_until(lambda: read_committed(client, cfg.root), 120, "the bootstrap commit")
             time.sleep(1.0)  # peers are watched from the commit on
             # r3 killed outside a plan: the plan that replaces it stops r2 mid-way.
             t0 = time.monotonic()
             os.kill(procs["r3"].pid, signal.SIGKILL)
-            c2 = wait_until(lambda: (c := _committed(client, cfg.root))
+            c2 = wait_until(lambda: (c := read_committed(client, cfg.root))
                             and not {"r2", "r3"} & {member_id(m) for m in c.members} and c, 25,
                             f"a commit without r3 and r2 ({freeze[2]} at {freeze[0]} of layer {freeze[1]})")
             print(f"{freeze}: kill -> committed without both {time.monotonic() - t0:.2f} s, epochs "

@@ -14,11 +14,12 @@ import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import CommitRecord, member_id
+from controller.records import member_id
 from controller.view import read_view
 from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.simulate import SimShape, SimulatedRanks
+from tests.procs import read_committed
 
 RANKS = 64
 SHAPE = SimShape(58, 256, 9, 88_080_384)
@@ -32,10 +33,6 @@ def etcd():
     with EtcdServer() as srv:
         yield srv
 
-
-def _committed(client: Any, root: str) -> CommitRecord | None:
-    raw, _ = client.get(f"{root}/committed")
-    return None if raw is None else CommitRecord.parse(f"{root}/committed", raw)
 
 
 def _one_record_bytes(view: Any) -> int:
@@ -64,11 +61,11 @@ def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
     ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=16)
     try:
         ranks.start(RANKS)
-        c1 = _wait(lambda: (c := _committed(client, cfg.root)) and len(c.members) == RANKS and c, 240,
+        c1 = _wait(lambda: (c := read_committed(client, cfg.root)) and len(c.members) == RANKS and c, 240,
                    "the bootstrap commit of 64 ranks")
         victim = member_id(c1.members[17])
         assert ranks.kill(victim) == [victim]
-        c2 = _wait(lambda: (c := _committed(client, cfg.root)) and c.epoch > c1.epoch and c, 240,
+        c2 = _wait(lambda: (c := read_committed(client, cfg.root)) and c.epoch > c1.epoch and c, 240,
                    "the recovery commit")
         v = read_view(client, cfg.root, whole_plan=True, loads=True)
         assert v.plan is not None and v.plan.plan is not None, v.plan_error
