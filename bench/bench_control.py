@@ -43,6 +43,7 @@ from elastic_ep.core.placement import ExpertPlacement  # noqa: E402
 from elastic_ep.core.plan import build_plan  # noqa: E402
 from elastic_ep.core.policy import get_policy  # noqa: E402
 from elastic_ep.core.rank_mapping import RankMapping  # noqa: E402
+from elastic_ep.runtime.serving import plan_pauses  # noqa: E402
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
 # The demo's size (`elastic-ep demo` defaults): 4 MoE layers x 16 experts of 768 KiB, 6 slots per rank.
@@ -96,6 +97,7 @@ class Timeline:
 
 
 PHASES = ("suspected", "confirmed", "masked", "all_served", "committed")
+PAUSES = ("longest_s", "layer_write_s", "total_s")
 SERVED = ("ok", "bad", "rerouted", "unavailable")
 
 
@@ -157,15 +159,10 @@ def detection(srv: EtcdServer, kills: int, ranks: int, ttl: int, workdir: str
 
 
 def _pauses(client, root: str, epoch: int) -> dict[str, float]:
-    """Serving pauses of plan ``epoch`` from its acks: the longest hold of any rank's
-    engine lock, and the largest total held by one rank."""
+    """Serving pauses of plan ``epoch`` from its acks (:func:`plan_pauses`)."""
     acks = [AckRecord.parse(m.key.decode(), v) for v, m in client.get_prefix(f"{root}/acks/")]
-    acks = [a for a in acks if a.epoch == epoch and "pause_max" in a.phases]
-    if not acks:
-        return {}
-    return {"pause_max": max(a.phases["pause_max"] for a in acks),
-            "pause_total": max(a.phases["pause_total"] for a in acks),
-            "write_max": max(a.phases.get("write_max", 0.0) for a in acks)}
+    pauses = plan_pauses(a for a in acks if a.epoch == epoch)
+    return {k: pauses[k] for k in PAUSES if k in pauses}
 
 
 def _served(client, root: str) -> dict[str, int]:
@@ -226,8 +223,7 @@ def main() -> None:
         stats[p] = _pct(xs, 99)
         print(f"{p:<24}{_pct(xs, 50):>8.3f}{stats[p]:>8.3f}{max(xs, default=float('nan')):>8.3f}"
               + (f"   ({len(runs) - len(xs)} kills without this phase)" if len(xs) < len(runs) else ""))
-    for p, what in (("pause_max", "longest serving pause"), ("write_max", "longest layer copy"),
-                    ("pause_total", "most paused rank, total")):
+    for p, what in zip(PAUSES, ("longest serving pause", "longest layer copy", "most paused rank, total")):
         xs = [r[p] for r in runs if p in r]
         print(f"{what:<24}{_pct(xs, 50) * 1e3:>7.2f}m{_pct(xs, 99) * 1e3:>7.2f}m{max(xs, default=float('nan')) * 1e3:>7.2f}m"
               f"   (ms; per recovery plan, from {len(xs)} plans' acks)")

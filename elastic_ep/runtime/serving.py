@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -134,3 +134,24 @@ class PlanSwitch:
     def _target(self, layer: int, excluded: list[int]) -> np.ndarray:
         gone = {self.participants.old[p] for p in excluded if p < len(self.participants.old)}
         return without_ranks(self.target[layer], gone, self.current.slots_per_rank)
+
+
+PLAN_PHASES = ("connect", "local", "peer", "disk", "barrier", "write")
+"""The executor's phases, in seconds, in an ack (their sum: the rank's transfer time)."""
+
+
+def plan_pauses(acks: Iterable[Any]) -> dict[str, float]:
+    """The serving pauses of one plan, from its acks' phases (the agent writes
+    ``pause_max``, ``pause_total`` and ``write_max``): the longest hold of any rank's
+    engine lock, the largest total held by one rank, the longest copy of one layer's
+    slots inside a hold, and the longest rank's transfer time; ``{}`` when no ack has
+    them. Example: ``plan_pauses(acks)["longest_s"] -> 0.0051``."""
+    acks = [a for a in acks if "pause_max" in a.phases]
+    if not acks:
+        return {}
+    return {
+        "longest_s": max(a.phases["pause_max"] for a in acks),
+        "total_s": max(a.phases.get("pause_total", 0.0) for a in acks),
+        "layer_write_s": max(a.phases.get("write_max", 0.0) for a in acks),
+        "plan_s": max(sum(v for k, v in a.phases.items() if k in PLAN_PHASES) for a in acks),
+    }

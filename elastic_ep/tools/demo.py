@@ -28,6 +28,7 @@ import numpy as np
 from controller.records import member_id
 from controller.view import ClusterView, read_view
 from elastic_ep.errors import ConfigError, ElasticEPError
+from elastic_ep.runtime.serving import plan_pauses
 from elastic_ep.tools.invariants import Check, check_commit
 from elastic_ep.tools.polling import wait_for
 
@@ -208,7 +209,7 @@ class Demo:
                     mark("first_ack", f"first rank finished its transfers ({member_id(next(iter(acks)))})")
                 if set(p.new_members) <= acks.keys():
                     mark("all_served", "every new member wrote its slots: every expert served again")
-                    ch.pauses = _pauses(acks.values())
+                    ch.pauses = plan_pauses(acks.values())
             c = v.committed
             if c is not None and ch.epoch and c.epoch == ch.epoch:
                 mark("commit", f"epoch {c.epoch} committed: {len(c.members)} ranks, bytes {c.bytes}")
@@ -300,24 +301,6 @@ class Demo:
         for x in r["checks"]:
             say(f"  [{'ok' if x['ok'] else 'FAIL'}] {x['name']}" + (f"  ({x['detail']})" if x["detail"] else ""))
         say("\nOK: every invariant held" if r["ok"] else "\nFAILED: see the checks above")
-
-
-def _pauses(acks: Any) -> dict[str, float]:
-    """The serving pauses of one plan from its acks: the longest hold, the largest
-    per-rank total, the longest copy of one layer's slots and the longest rank's
-    transfer time."""
-    acks = [a for a in acks if "pause_max" in a.phases]
-    if not acks:
-        return {}
-    return {
-        "longest_s": max(a.phases["pause_max"] for a in acks),
-        "total_s": max(a.phases.get("pause_total", 0.0) for a in acks),
-        "layer_write_s": max(a.phases.get("write_max", 0.0) for a in acks),
-        "plan_s": max(sum(v for k, v in a.phases.items() if k in _PLAN_PHASES) for a in acks),
-    }
-
-
-_PLAN_PHASES = ("connect", "local", "peer", "disk", "barrier", "write")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
