@@ -7,10 +7,18 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import contextlib
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
+from controller.controller import Controller, ControllerConfig, ModelShape
+from controller.etcd_client import EtcdConfig, connect
 from controller.records import CommitRecord
+from elastic_ep.tools.etcd_server import EtcdServer
+from elastic_ep.tools.polling import wait_until
+from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
+from loaders.checkpoint.model import ExpertModel
 from elastic_ep.core.plan import TransferPlan
 from elastic_ep.tools.synthetic_rank import FaultPoint, RankJob, run_job
 
@@ -91,3 +99,42 @@ def read_committed(client: Any, root: str) -> CommitRecord | None:
     """The deployment's committed record under ``root``, or None before the first commit."""
     v, _ = client.get(f"{root}/committed")
     return None if v is None else CommitRecord.parse(f"{root}/committed", v)
+
+
+
+@contextlib.contextmanager
+def running_deployment(
+    spec: ExpertModel, slots: int, ids: list[str], make_rank: Callable[[EtcdConfig, str], SyntheticRank],
+    settle_s: float, confirm_settle_s: float,
+) -> Iterator[tuple[Controller, dict[str, Any], Any, str, CommitRecord]]:
+    """etcd, a controller in this process for ``spec`` with ``slots`` per rank (settle
+    windows ``settle_s`` and, after confirmed deaths, ``confirm_settle_s``) and one
+    spawned rank process per id, ``make_rank(cfg, id)`` on that etcd. Yields
+    ``(controller, processes by id, client, root, bootstrap commit)`` once the
+    bootstrap committed and the peers had a moment to start watching each other (they
+    watch from the commit on). Stopped processes are resumed before they are killed."""
+    with EtcdServer() as srv:
+        cfg = EtcdConfig(srv.endpoint, deployment="peers", timeout_s=2.0)
+        ctl = Controller(ControllerConfig(cfg, ModelShape(spec.layers, spec.experts, slots, spec.expert_bytes),
+                                          id="ctl-a", min_ranks=len(ids), settle_s=settle_s, leader_ttl_s=3,
+                                          confirm_settle_s=confirm_settle_s))
+        stop = threading.Event()
+        t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+        t.start()
+        ctx = mp.get_context("spawn")
+        procs = {rid: ctx.Process(target=run_agent, args=(make_rank(cfg, rid),), daemon=True) for rid in ids}
+        for p in procs.values():
+            p.start()
+        client = connect(cfg)
+        try:
+            c = wait_until(lambda: read_committed(client, cfg.root), 120 + settle_s, "the bootstrap commit")
+            time.sleep(1.0)
+            yield ctl, procs, client, cfg.root, c
+        finally:
+            stop.set()
+            t.join(10)
+            for p in procs.values():
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                p.join(5)

@@ -8,8 +8,6 @@ every watcher died with it is left to its lease."""
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -25,9 +23,9 @@ from elastic_ep.runtime.liveness import monitored_peers
 from elastic_ep.tools.etcd_server import EtcdServer
 from elastic_ep.tools.polling import wait_until as _wait
 from elastic_ep.tools.invariants import check_commit, require
-from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
+from elastic_ep.tools.synthetic_rank import SyntheticRank
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
-from tests.procs import read_committed
+from tests.procs import read_committed, running_deployment
 
 SPEC = SyntheticSpec(layers=2, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=5)
 SLOTS, LEASE_S, SETTLE_S = 4, 30, 10.0
@@ -47,41 +45,11 @@ def cluster(ckpt):
         yield c
 
 
-@contextlib.contextmanager
 def _running(ckpt: str, ranks: int, lease_s: int, settle_s: float, confirm_settle_s: float):
-    """etcd, a controller in this process (settle windows ``settle_s`` and, after
-    confirmed deaths, ``confirm_settle_s``), and rank processes r0, r1, ... with
-    ``lease_s`` leases; yields once the bootstrap is committed."""
-    with EtcdServer() as srv:
-        cfg = EtcdConfig(srv.endpoint, deployment="peers", timeout_s=2.0)
-        ctl = Controller(ControllerConfig(cfg, ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
-                                          id="ctl-a", min_ranks=ranks, settle_s=settle_s, leader_ttl_s=3,
-                                          confirm_settle_s=confirm_settle_s))
-        stop = threading.Event()
-        t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
-        t.start()
-        ctx = mp.get_context("spawn")
-        procs = {}
-        for rid in (f"r{i}" for i in range(ranks)):
-            p = ctx.Process(target=run_agent, args=(SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, lease_ttl_s=lease_s),),
-                            daemon=True)
-            p.start()
-            procs[rid] = p
-        client = connect(cfg)
-        try:
-            c = _wait(lambda: read_committed(client, cfg.root), 120 + settle_s, "the bootstrap commit")
-            # Peers are watched from the commit on: give the monitors a moment to connect.
-            time.sleep(1.0)
-            yield ctl, procs, client, cfg.root, c
-        finally:
-            stop.set()
-            t.join(10)
-            for p in procs.values():
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.kill()
-                p.join(5)
-
+    """:func:`running_deployment` of rank processes r0, r1, ... with ``lease_s`` leases."""
+    return running_deployment(SPEC, SLOTS, [f"r{i}" for i in range(ranks)],
+                              lambda cfg, rid: SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, lease_ttl_s=lease_s),
+                              settle_s, confirm_settle_s)
 
 
 def _confirmed(ctl: Controller) -> float:

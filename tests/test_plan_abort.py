@@ -8,24 +8,20 @@ below can only come from the confirmed death ending those waits."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
-import threading
 import time
 
 import pytest
 
-from controller.controller import Controller, ControllerConfig, ModelShape
-from controller.etcd_client import EtcdConfig, connect
+from controller.etcd_client import EtcdConfig
 from controller.records import member_id
 from controller.view import read_view
-from elastic_ep.tools.etcd_server import EtcdServer
 from elastic_ep.tools.invariants import check_commit, require
 from elastic_ep.tools.polling import wait_until
-from elastic_ep.tools.synthetic_rank import SyntheticRank, run_agent
+from elastic_ep.tools.synthetic_rank import SyntheticRank
 from loaders.checkpoint.synthetic import SyntheticSpec, make_checkpoint
-from tests.procs import read_committed
+from tests.procs import read_committed, running_deployment
 
 SPEC = SyntheticSpec(layers=3, experts=8, hidden=64, intermediate=32, dtype="bf16", shards=2, seed=9)
 SLOTS, LEASE_S, WAIT_S = 4, 30, 60.0
@@ -46,40 +42,19 @@ def ckpt(tmp_path_factory) -> str:
     ("nixl", ("write", 0, "SIGSTOP")),  # one-sided reads of its frozen memory never end
 ])
 def test_a_participant_lost_mid_plan_ends_the_waits_on_it(ckpt, transport, freeze):
-    with EtcdServer() as srv:
-        cfg = EtcdConfig(srv.endpoint, deployment="abort", timeout_s=2.0)
-        ctl = Controller(ControllerConfig(cfg, ModelShape(SPEC.layers, SPEC.experts, SLOTS, SPEC.expert_bytes),
-                                          id="ctl", min_ranks=4, settle_s=10.0, leader_ttl_s=3,
-                                          confirm_settle_s=0.05))
-        stop = threading.Event()
-        t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
-        t.start()
-        ctx = mp.get_context("spawn")
-        procs = {}
-        for rid in ("r0", "r1", "r2", "r3"):
-            rank = SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, transport=transport, lease_ttl_s=LEASE_S, source_timeout_s=WAIT_S,
-                                 dead_after_s=WAIT_S, freeze=freeze if rid == "r2" else None)
-            procs[rid] = ctx.Process(target=run_agent, args=(rank,), daemon=True)
-            procs[rid].start()
-        client = connect(cfg)
-        try:
-            c1 = wait_until(lambda: read_committed(client, cfg.root), 120, "the bootstrap commit")
-            time.sleep(1.0)  # peers are watched from the commit on
-            # r3 killed outside a plan: the plan that replaces it stops r2 mid-way.
-            t0 = time.monotonic()
-            os.kill(procs["r3"].pid, signal.SIGKILL)
-            c2 = wait_until(lambda: (c := read_committed(client, cfg.root))
-                            and not {"r2", "r3"} & {member_id(m) for m in c.members} and c, 25,
-                            f"a commit without r3 and r2 ({freeze[2]} at {freeze[0]} of layer {freeze[1]})")
-            print(f"{freeze}: kill -> committed without both {time.monotonic() - t0:.2f} s, epochs "
-                  f"{c1.epoch} -> {c2.epoch}; phases {c2.phases}")
-            assert len(c2.members) == 2 and c2.epoch >= c1.epoch + 2
-            require(check_commit(read_view(client, cfg.root, whole_plan=True, loads=True)))
-        finally:
-            stop.set()
-            t.join(10)
-            for p in procs.values():
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.kill()
-                p.join(5)
+    def make_rank(cfg: EtcdConfig, rid: str) -> SyntheticRank:
+        return SyntheticRank(cfg, rid, ckpt, SPEC, SLOTS, transport=transport, lease_ttl_s=LEASE_S,
+                             source_timeout_s=WAIT_S, dead_after_s=WAIT_S, freeze=freeze if rid == "r2" else None)
+
+    with running_deployment(SPEC, SLOTS, ["r0", "r1", "r2", "r3"], make_rank, 10.0, 0.05) as (_, procs, client,
+                                                                                               root, c1):
+        # r3 killed outside a plan: the plan that replaces it stops r2 mid-way.
+        t0 = time.monotonic()
+        os.kill(procs["r3"].pid, signal.SIGKILL)
+        c2 = wait_until(lambda: (c := read_committed(client, root))
+                        and not {"r2", "r3"} & {member_id(m) for m in c.members} and c, 25,
+                        f"a commit without r3 and r2 ({freeze[2]} at {freeze[0]} of layer {freeze[1]})")
+        print(f"{freeze}: kill -> committed without both {time.monotonic() - t0:.2f} s, epochs "
+              f"{c1.epoch} -> {c2.epoch}; phases {c2.phases}")
+        assert len(c2.members) == 2 and c2.epoch >= c1.epoch + 2
+        require(check_commit(read_view(client, root, whole_plan=True, loads=True)))
