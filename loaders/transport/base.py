@@ -4,7 +4,10 @@ Every process taking part in a plan's execution (the *participants*: surviving a
 leaving ranks, then joining ranks) has an index ``0 .. world-1`` for the epoch. Each
 registers its serving weights once (the per-layer ``[slots_per_rank, ...]`` tensors) and,
 per epoch, a staging buffer: flat ``uint8`` that receives packed slots (tensor after
-tensor in :class:`~loaders.layout.ExpertLayout` order, ``expert_bytes`` each).
+tensor in :class:`~loaders.layout.ExpertLayout` order, ``expert_bytes`` each). A process
+may also register a *mirror* (:meth:`PeerTransport.register_mirror`): host memory whose
+rows hold packed experts, read as slots ``slots_per_rank + row`` of any layer, by peers
+and by the process itself, through every backend.
 
 Executing one layer is one :meth:`PeerTransport.exchange` call on every participant: the
 receives this process makes, each with its candidate peer sources in the plan's order,
@@ -34,6 +37,7 @@ Peers read an endpoint the first time they need it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -134,14 +138,25 @@ class Segment:
     nbytes: int
 
 
+MAX_MIRROR_ROWS = 1 << 20
+"""Most mirror rows a peer's table may claim (DeepSeek-V3 has 14,848 routed experts in
+all): a larger count in an endpoint is a forged or broken value, not a mirror."""
+
+_MIRROR_DEVICES = ("cpu", "cuda")
+
+
 @dataclass(frozen=True)
 class WeightTable:
     """Where a process keeps each layer's serving tensors, enough for a peer to compute
-    the address of any slot row: ``bases[layer][tensor]`` and ``row_bytes[tensor]``.
+    the address of any slot row: ``bases[layer][tensor]`` and ``row_bytes[tensor]``; and
+    its host-memory *mirror*, if any: ``mirror_rows`` packed experts (``expert_bytes``
+    each, the staging form) from ``mirror_base``, read as slots ``slots_per_rank ..
+    slots_per_rank + mirror_rows - 1`` of any layer.
 
-    Example: 2 layers, tensors w13 (row 1024 B) and w2 (row 512 B):
+    Example: 2 layers, tensors w13 (row 1024 B) and w2 (row 512 B), 3 mirror rows:
     ``WeightTable(bases=((0x7f00.., 0x7f01..), (0x7f02.., 0x7f03..)), row_bytes=(1024, 512),
-    slots_per_rank=4, device="cpu", device_id=0)``.
+    slots_per_rank=4, device="cuda", device_id=0, mirror_base=0x7e00.., mirror_rows=3)``;
+    slot 5 of any layer is then the 1536 bytes at ``mirror_base + 1536``.
     """
 
     bases: tuple[tuple[int, ...], ...]
@@ -149,6 +164,10 @@ class WeightTable:
     slots_per_rank: int
     device: str  # "cpu" or "cuda"
     device_id: int
+    mirror_base: int = 0
+    mirror_rows: int = 0
+    mirror_device: str = "cpu"
+    mirror_device_id: int = 0
 
     @classmethod
     def of(cls, layout: ExpertLayout, weights: Sequence[LayerWeights]) -> "WeightTable":
@@ -169,12 +188,38 @@ class WeightTable:
         assert slots is not None and dev is not None
         return cls(tuple(bases), tuple(t.row_bytes for t in layout.tensors), slots, dev[0], dev[1])
 
+    @property
+    def expert_bytes(self) -> int:
+        return sum(self.row_bytes)
+
+    def holds(self, slot: int) -> bool:
+        """True for a GPU slot or a mirror row of this table."""
+        return 0 <= slot < self.slots_per_rank + self.mirror_rows
+
+    def is_mirror(self, slot: int) -> bool:
+        return self.slots_per_rank <= slot < self.slots_per_rank + self.mirror_rows
+
+    def refuse(self, layer: int, read: PeerRead, owner: int) -> ConfigError | None:
+        """The error of ``read`` in ``layer`` if ``owner`` (whose table this is) does not
+        hold its slot, else None."""
+        if 0 <= layer < len(self.bases) and self.holds(read.src_slot):
+            return None
+        return ConfigError(
+            f"layer {layer}: {read} outside participant {owner}'s {len(self.bases)} layers x "
+            f"{self.slots_per_rank} slots + {self.mirror_rows} mirror rows"
+        )
+
     def segments(self, layer: int, slot: int) -> list[Segment]:
-        """The pieces of one packed slot, in packed order."""
-        if not (0 <= layer < len(self.bases) and 0 <= slot < self.slots_per_rank):
+        """The pieces of one packed slot, in packed order: one per tensor for a GPU
+        slot, one whole ``expert_bytes`` piece for a mirror row (stored packed)."""
+        if not (0 <= layer < len(self.bases) and self.holds(slot)):
             raise ConfigError(
                 f"layer {layer} slot {slot} outside {len(self.bases)} layers x {self.slots_per_rank} slots"
+                f" + {self.mirror_rows} mirror rows"
             )
+        if slot >= self.slots_per_rank:
+            eb = self.expert_bytes
+            return [Segment(self.mirror_base + (slot - self.slots_per_rank) * eb, 0, eb)]
         out, at = [], 0
         for base, rb in zip(self.bases[layer], self.row_bytes):
             out.append(Segment(base + slot * rb, at, rb))
@@ -188,20 +233,51 @@ class WeightTable:
             "slots_per_rank": self.slots_per_rank,
             "device": self.device,
             "device_id": self.device_id,
+            "mirror_base": self.mirror_base,
+            "mirror_rows": self.mirror_rows,
+            "mirror_device": self.mirror_device,
+            "mirror_device_id": self.mirror_device_id,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WeightTable":
+        """Parse a peer's published table. The mirror fields are optional (an endpoint
+        from before mirrors has none) and bounded: the reader computes addresses from them."""
         try:
-            return cls(
+            if not isinstance(d, dict):
+                raise TypeError(f"a table is a JSON object, not {type(d).__name__}")
+            t = cls(
                 tuple(tuple(int(x) for x in b) for b in d["bases"]),
                 tuple(int(x) for x in d["row_bytes"]),
                 int(d["slots_per_rank"]),
                 str(d["device"]),
                 int(d["device_id"]),
+                _bounded(d, "mirror_base", (1 << 64) - 1),
+                _bounded(d, "mirror_rows", MAX_MIRROR_ROWS),
+                str(d.get("mirror_device", "cpu")),
+                _bounded(d, "mirror_device_id", 1 << 16),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TransportError(f"malformed peer weight table {d!r:.200}: {e}") from e
+        if t.mirror_device not in _MIRROR_DEVICES or t.mirror_base + t.mirror_rows * t.expert_bytes >= 1 << 64:
+            raise TransportError(
+                f"peer weight table: mirror of {t.mirror_rows} rows at {t.mirror_base:#x} on "
+                f"{t.mirror_device!r} is not an address range of cpu or cuda memory"
+            )
+        return t
+
+
+def _mirror_fields(t: WeightTable) -> dict[str, Any]:
+    return {"mirror_base": t.mirror_base, "mirror_rows": t.mirror_rows,
+            "mirror_device": t.mirror_device, "mirror_device_id": t.mirror_device_id}
+
+
+def _bounded(d: dict[str, Any], key: str, most: int) -> int:
+    """``d[key]`` (0 when absent) if a JSON integer in ``0..most``; else ValueError."""
+    v = d.get(key, 0)
+    if type(v) is not int or not 0 <= v <= most:
+        raise ValueError(f"{key} {v!r} is not an integer in 0..{most}")
+    return v
 
 
 GONE_POLL_S = 0.1
@@ -225,6 +301,7 @@ class PeerTransport(ABC):
     """Moves packed expert slots between participants. Lifecycle::
 
         t.register_weights(weights)                  # once per process
+        t.register_mirror(mirror)                    # optional, before connect
         t.connect(epoch, me, world, store)           # per epoch; publishes the endpoint
         t.register_staging(staging)                  # per epoch, before the first exchange
         outcomes = t.exchange(layer, receives, sends, timeout)   # per layer
@@ -243,6 +320,8 @@ class PeerTransport(ABC):
         self.prefix = prefix
         self.table: WeightTable | None = None
         self.staging: torch.Tensor | None = None
+        self.mirror: torch.Tensor | None = None
+        """This process's host-memory mirror (:meth:`register_mirror`), or None."""
         self.store: Any = None
         self.epoch = -1
         self.me = -1
@@ -266,9 +345,61 @@ class PeerTransport(ABC):
     # -- registration ------------------------------------------------------------------
     def register_weights(self, weights: Sequence[LayerWeights]) -> None:
         """Register every layer's serving tensors; they must not be reallocated after."""
-        self.table = WeightTable.of(self.layout, weights)
+        table = WeightTable.of(self.layout, weights)
+        if self.table is not None:  # weights registered again: the mirror stays registered
+            table = dataclasses.replace(table, **_mirror_fields(self.table))
+        self.table = table
         self.weights = [self.layout.check_weights(w, f"layer {i}")[0] for i, w in enumerate(weights)]
         self._register_weights()
+
+    def register_mirror(self, buffer: torch.Tensor) -> None:
+        """Register this process's host-memory mirror: flat contiguous ``uint8`` on the
+        CPU (pinned where the weights are on CUDA, for fast copies), ``rows *
+        expert_bytes`` long, each row one packed expert (:meth:`ExpertLayout.pack_slot`
+        order). Row ``r`` is then slot ``slots_per_rank + r`` of any layer, to peers
+        and to this process's own reads. Call after :meth:`register_weights` and before
+        :meth:`connect`: peers learn of it from the endpoint ``connect`` publishes. It
+        must not be reallocated while registered."""
+        if self.table is None:
+            raise ConfigError(f"{self.name}: register_weights before register_mirror")
+        eb = self.layout.expert_bytes
+        if (buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous()
+                or buffer.device.type != "cpu" or buffer.numel() % eb):
+            raise ConfigError(
+                f"a mirror must be a flat contiguous CPU uint8 tensor of whole {eb}-byte rows, got "
+                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}; allocate "
+                f"torch.empty(rows * {eb}, dtype=torch.uint8, pin_memory=True)"
+            )
+        if self.mirror is not None:
+            self._deregister_mirror()
+        self.mirror = buffer
+        self.table = dataclasses.replace(
+            self.table, mirror_base=buffer.data_ptr(), mirror_rows=buffer.numel() // eb, mirror_device="cpu", mirror_device_id=0
+        )
+        self._register_mirror()
+
+    def own_pieces(self, layer: int, slot: int) -> list[torch.Tensor]:
+        """This process's slot ``slot`` of ``layer`` as flat uint8 views, one per layout
+        tensor in packed order (a GPU slot's rows; a mirror row cut at the layout's
+        offsets): what a send posts, and what :meth:`pack_own` copies."""
+        if self.table is None:
+            raise ConfigError(f"{self.name}: register_weights before reading its own slots")
+        err = self.table.refuse(layer, PeerRead(self.me, slot, 0), self.me)
+        if err is not None:
+            raise err
+        if slot < self.table.slots_per_rank:
+            named = self.weights[layer]
+            return [self.layout.row_bytes_view(named[t.name], slot) for t in self.layout.tensors]
+        assert self.mirror is not None
+        at = (slot - self.table.slots_per_rank) * self.layout.expert_bytes
+        return [self.mirror[at + off : at + off + t.row_bytes] for t, off in zip(self.layout.tensors, self.layout.offsets)]
+
+    def pack_own(self, layer: int, slot: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy this process's own slot or mirror row (see :meth:`own_pieces`) into
+        ``out`` (uint8 ``[expert_bytes]``, any device) and return it."""
+        for piece, off in zip(self.own_pieces(layer, slot), self.layout.offsets):
+            out[off : off + piece.numel()].copy_(piece)
+        return out
 
     def register_staging(self, staging: torch.Tensor) -> None:
         """Register the receive buffer (flat ``uint8``, on the weights' device)."""
@@ -369,7 +500,8 @@ class PeerTransport(ABC):
                 continue
             t.failures.append((k, err))
             t.start = k + 1
-            self._fail_peer(receives[i].candidates[k].participant, str(err))
+            if not isinstance(err, ConfigError):  # a slot the peer lacks is no fault of the peer
+                self._fail_peer(receives[i].candidates[k].participant, str(err))
 
     def _retire_poisoned_staging(self) -> None:
         """An abandoned operation may still land in the staging buffer: keep that buffer
@@ -413,6 +545,13 @@ class PeerTransport(ABC):
     def _deregister_staging(self) -> None:
         """Undo :meth:`_register_staging` for the current ``self.staging``."""
 
+    def _register_mirror(self) -> None:
+        """Register ``self.mirror`` (``self.table`` holds its address) so that peers can
+        read it; nothing for a backend whose sources send their own bytes."""
+
+    def _deregister_mirror(self) -> None:
+        """Undo :meth:`_register_mirror` for the current ``self.mirror``."""
+
     def endpoint(self) -> dict[str, Any]:
         """JSON-able metadata peers need besides the weight table (agent metadata,
         session address)."""
@@ -439,6 +578,17 @@ class PeerTransport(ABC):
         if self.staging is not None:
             self._deregister_staging()
             self.staging = None
+        if self.mirror is not None:
+            self._deregister_mirror()
+            self.mirror = None
+
+    def _pack_own_read(self, layer: int, r: PeerRead, out: torch.Tensor) -> ConfigError | None:
+        """A read from this process itself: copied, or the ConfigError of a slot it lacks."""
+        assert self.table is not None
+        err = self.table.refuse(layer, r, self.me)
+        if err is None:
+            self.pack_own(layer, r.src_slot, out)
+        return err
 
 
 class TwoSidedTransport(PeerTransport):
@@ -495,7 +645,8 @@ class OneSidedTransport(PeerTransport):
     from peers that already failed this epoch. The rest it reads per peer: once the
     peer's endpoint is published (looked at, never waited on, so a silent peer holds up
     no other) the peer is opened once per epoch (:meth:`_open_peer`), its reads are checked
-    against its table and started as one backend operation (:meth:`_start`), which is
+    against its table and started as one backend operation (:meth:`_start`; or a few,
+    where the backend splits them by memory: :meth:`_op_groups`), which is
     polled (:meth:`_poll`) until it settles or the deadline, where it is abandoned
     (:meth:`_abandon`) and peers that never published are failed. A peer that fails is
     remembered as failed for the epoch.
@@ -546,8 +697,8 @@ class OneSidedTransport(PeerTransport):
         assert self.staging is not None
         eb, by_peer = self.layout.expert_bytes, {}
         for i, r in enumerate(rnd.reads):
-            if r.src == self.me:  # no transfer needed: copy the own slot
-                self.layout.pack_slot(self.weights[rnd.layer], r.src_slot, out=self.staging[r.dst_offset : r.dst_offset + eb])
+            if r.src == self.me:  # no transfer needed: copy the own slot or mirror row
+                rnd.out[i] = self._pack_own_read(rnd.layer, r, self.staging[r.dst_offset : r.dst_offset + eb])
             elif not 0 <= r.src < self.world:
                 rnd.out[i] = ConfigError(f"layer {rnd.layer}: read {r} from outside participants 0..{self.world - 1}")
             elif r.src in self._failed:
@@ -614,8 +765,7 @@ class OneSidedTransport(PeerTransport):
                 self._fail_reads(rnd, p, idx, str(e))
                 continue
             idx = self._in_table(rnd, p, peer.table, idx)
-            if idx:
-                started.append(self._start(rnd, p, peer, idx))
+            started += [self._start(rnd, p, peer, group) for group in self._op_groups(rnd, peer.table, idx) if group]
         return started
 
     def _open(self, index: int, deadline: float) -> OpenPeer:
@@ -634,16 +784,14 @@ class OneSidedTransport(PeerTransport):
         return peer
 
     def _in_table(self, rnd: ReadRound, peer: int, table: WeightTable, idx: list[int]) -> list[int]:
-        """Those of ``idx`` whose slot the peer has; the others get a ConfigError."""
-        slots, layers = table.slots_per_rank, len(table.bases)
+        """Those of ``idx`` whose slot (or mirror row) the peer has; the others get a ConfigError."""
         ok = []
         for i in idx:
-            if rnd.layer < layers and 0 <= rnd.reads[i].src_slot < slots:
+            err = table.refuse(rnd.layer, rnd.reads[i], peer)
+            if err is None:
                 ok.append(i)
             else:
-                rnd.out[i] = ConfigError(
-                    f"layer {rnd.layer}: {rnd.reads[i]} outside participant {peer}'s {layers} layers x {slots} slots"
-                )
+                rnd.out[i] = err
         return ok
 
     def _settle(self, rnd: ReadRound, op: PeerReadOp) -> bool:
@@ -672,6 +820,11 @@ class OneSidedTransport(PeerTransport):
     def _open_peer(self, index: int, endpoint: dict[str, Any]) -> Any:
         """The backend's handle for a peer from its published ``endpoint`` (whose
         ``table`` is checked already); raises TransportError."""
+
+    def _op_groups(self, rnd: ReadRound, table: WeightTable, idx: list[int]) -> list[list[int]]:
+        """How one peer's reads of a round split into operations (one :meth:`_start`
+        each); one operation for all of them unless the backend needs more."""
+        return [idx]
 
     def _begin(self, rnd: ReadRound) -> Any:
         """Per-round setup before any read starts (stored in ``rnd.state``); raises

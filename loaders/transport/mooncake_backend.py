@@ -8,6 +8,12 @@ the peer's :class:`~loaders.transport.WeightTable` and posts one batch read per 
 peer; the source process does nothing. Batches to different peers run at once, each
 in its own thread (the engine's blocking calls release the GIL).
 
+A mirror row (host memory, registered like the weights: see
+:meth:`~loaders.transport.PeerTransport.register_mirror`) is one segment of the batch
+like any slot row: the engine finds the registered buffer of each address itself, so a
+peer's GPU rows and mirror rows share one batch. A reader learns the peer's buffers at
+first contact (the handshake), so the mirror is registered before the first connect.
+
 Failure contract: :meth:`MooncakeTransport.transfer` never raises for a peer's fault
 and returns within about ``timeout`` seconds. A peer that dies, never publishes its
 endpoint, or does not answer in time fails its reads and is remembered as failed for
@@ -123,6 +129,7 @@ class MooncakeTransport(OneSidedTransport):
         self.session = f"{host}:{self.engine.get_rpc_port()}"
         self._weight_addrs: list[int] = []
         self._staging_addr: int | None = None
+        self._mirror_addr: int | None = None
         self._contacted: set[str] = set()  # sessions the engine has read from (handshake done)
         self._inflight: list[_Batch] = []  # abandoned batches still running
 
@@ -141,6 +148,20 @@ class MooncakeTransport(OneSidedTransport):
                         f"mooncake could not register layer {i} {name} ({nbytes} bytes at {t.data_ptr():#x}): rc {rc}"
                     )
                 self._weight_addrs.append(t.data_ptr())
+
+    def _register_mirror(self) -> None:
+        assert self.mirror is not None
+        if not self.mirror.numel():  # an empty mirror has no rows to read
+            return
+        rc = self.engine.register_memory(self.mirror.data_ptr(), self.mirror.numel())
+        if rc != 0:
+            raise TransportError(f"mooncake could not register the {self.mirror.numel()}-byte mirror: rc {rc}")
+        self._mirror_addr = self.mirror.data_ptr()
+
+    def _deregister_mirror(self) -> None:
+        if self._mirror_addr is not None:
+            self._unregister([self._mirror_addr], "mirror")
+            self._mirror_addr = None
 
     def _register_staging(self) -> None:
         assert self.staging is not None

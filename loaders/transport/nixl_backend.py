@@ -8,6 +8,13 @@ that peer's slot rows (index ``(layer * slots_per_rank + slot) * n_tensors + ten
 and, per layer, posts one READ per source peer gathering every segment it wants from
 that peer straight into its staging buffer. The source process does nothing.
 
+Mirror rows (host memory, see :meth:`~loaders.transport.PeerTransport.register_mirror`)
+are registered as DRAM beside the weights, and a reader prepares a second descriptor
+list over them (index ``row * n_tensors + tensor``, each row cut at the layout's
+offsets so that it lines up with the staging descriptors). A prepared list has one
+memory type, and the weights are VRAM where they live on CUDA, so a round that reads
+both a peer's GPU slots and its mirror rows posts two READs to that peer, one per list.
+
 Failure contract: :meth:`NixlTransport.transfer` never raises for a peer's fault and
 returns within about ``timeout`` seconds. A peer that dies, never publishes its
 endpoint, or does not finish in time fails its reads and is remembered as failed for
@@ -122,10 +129,21 @@ def _new_agent(name: str, progress_delay_us: int) -> Any:
 @dataclass
 class _Peer:
     """A peer loaded for this epoch: its agent and its slot rows, prepared once.
-    ``dlist`` index of (layer, slot, tensor) is ``(layer * slots + slot) * tensors + tensor``."""
+    ``dlist`` index of (layer, slot, tensor) is ``(layer * slots + slot) * tensors + tensor``;
+    ``mirror`` (None: the peer has no mirror rows) index of (row, tensor) is
+    ``row * tensors + tensor``."""
 
     agent: str
     dlist: Any
+    mirror: Any = None
+
+    def release(self) -> None:
+        for d in (self.dlist, self.mirror):
+            if d is not None:
+                try:
+                    d.release()
+                except NIXL_ERRORS as e:
+                    log.warning("nixl: releasing the rows of %s failed: %s", self.agent, _reason(e))
 
 
 @dataclass
@@ -176,6 +194,7 @@ class NixlTransport(OneSidedTransport):
                 f"nixl could not start its {_BACKEND} backend (plugins here: {self.agent.get_plugin_list()})"
             )
         self._weight_descs: Any = None
+        self._mirror_descs: Any = None
         self._staging_descs: Any = None
         self._abandoned: list[_Abandoned] = []
         self._kept_agents: set[str] = set()  # remote agents not removed at close_epoch
@@ -193,6 +212,16 @@ class NixlTransport(OneSidedTransport):
             for t in named.values()
         ]
         self._weight_descs = self._register(rows, self.table.device)
+
+    def _register_mirror(self) -> None:
+        assert self.mirror is not None
+        if self.mirror.numel():  # an empty mirror has no rows to read
+            self._mirror_descs = self._register([(self.mirror.data_ptr(), self.mirror.numel(), 0)], "cpu")
+
+    def _deregister_mirror(self) -> None:
+        if self._mirror_descs is not None:
+            self._deregister(self._mirror_descs, "mirror")
+            self._mirror_descs = None
 
     def _register_staging(self) -> None:
         assert self.staging is not None
@@ -242,14 +271,32 @@ class NixlTransport(OneSidedTransport):
             for slot in range(table.slots_per_rank)
             for s in table.segments(layer, slot)
         ]
+        peer = _Peer(loaded, None)
         try:
-            dlist = self.agent.prep_xfer_dlist(
-                loaded, np.array(rows, dtype=np.uint64), _mem_type(table.device), backends=[_BACKEND]
-            )
-        except NIXL_ERRORS as e:
+            peer.dlist = self._prep_remote(index, loaded, rows, table.device, "slot rows")
+            if table.mirror_rows:
+                peer.mirror = self._prep_remote(index, loaded, self._mirror_rows(table), table.mirror_device, "mirror rows")
+        except TransportError:
+            peer.release()
             self._remove_agent(loaded)
-            raise TransportError(f"participant {index}: preparing its {len(rows)} slot rows failed: {_reason(e)}") from e
-        return _Peer(loaded, dlist)
+            raise
+        return peer
+
+    def _mirror_rows(self, table: WeightTable) -> list[tuple[int, int, int]]:
+        """The peer's mirror as (row, tensor) descriptors: a packed row holds the
+        layout's tensors at its offsets, so each lines up with one staging descriptor."""
+        eb, sizes = table.expert_bytes, [t.row_bytes for t in self.layout.tensors]
+        return [
+            (table.mirror_base + row * eb + off, size, table.mirror_device_id)
+            for row in range(table.mirror_rows)
+            for off, size in zip(self.layout.offsets, sizes)
+        ]
+
+    def _prep_remote(self, index: int, agent: str, rows: list[tuple[int, int, int]], device: str, what: str) -> Any:
+        try:
+            return self.agent.prep_xfer_dlist(agent, np.array(rows, dtype=np.uint64), _mem_type(device), backends=[_BACKEND])
+        except NIXL_ERRORS as e:
+            raise TransportError(f"participant {index}: preparing its {len(rows)} {what} failed: {_reason(e)}") from e
 
     def _load_agent(self, index: int, agent: str, metadata: bytes) -> str:
         try:
@@ -279,13 +326,24 @@ class NixlTransport(OneSidedTransport):
         except NIXL_ERRORS as e:
             raise TransportError(f"epoch {self.epoch} layer {rnd.layer}: preparing staging descriptors failed: {_reason(e)}") from e
 
+    def _op_groups(self, rnd: ReadRound, table: WeightTable, idx: list[int]) -> list[list[int]]:
+        """GPU slots and mirror rows apart: they are in two prepared lists (see the module)."""
+        mirror = [i for i in idx if table.is_mirror(rnd.reads[i].src_slot)]
+        return [[i for i in idx if not table.is_mirror(rnd.reads[i].src_slot)], mirror]
+
     def _start(self, rnd: ReadRound, peer: int, open_peer: OpenPeer, idx: list[int]) -> _Xfer:
+        """One READ of ``idx``: all GPU slots or all mirror rows (:meth:`_op_groups`)."""
         nt, slots = len(self.layout.tensors), open_peer.table.slots_per_rank
-        remote_idx = [(rnd.layer * slots + rnd.reads[i].src_slot) * nt + t for i in idx for t in range(nt)]
+        remote: _Peer = open_peer.handle
+        if open_peer.table.is_mirror(rnd.reads[idx[0]].src_slot):
+            dlist, rows = remote.mirror, [rnd.reads[i].src_slot - slots for i in idx]
+        else:
+            dlist, rows = remote.dlist, [rnd.layer * slots + rnd.reads[i].src_slot for i in idx]
+        remote_idx = [row * nt + t for row in rows for t in range(nt)]
         local_idx = [i * nt + t for i in idx for t in range(nt)]
-        x = _Xfer(peer, idx, open_peer.handle, rnd.state)
+        x = _Xfer(peer, idx, remote, rnd.state)
         try:
-            x.handle = self.agent.make_prepped_xfer("READ", rnd.state, local_idx, open_peer.handle.dlist, remote_idx)
+            x.handle = self.agent.make_prepped_xfer("READ", rnd.state, local_idx, dlist, remote_idx)
             x.state = self.agent.transfer(x.handle)
         except NIXL_ERRORS as e:  # a peer known dead fails here, before anything moved
             x.state = _reason(e)
@@ -348,10 +406,7 @@ class NixlTransport(OneSidedTransport):
             if peer.agent in busy:
                 self._kept_agents.add(peer.agent)  # an xfer NIXL would not cancel still uses it
                 continue
-            try:
-                peer.dlist.release()
-            except NIXL_ERRORS as e:
-                log.warning("nixl: releasing the rows of %s failed: %s", peer.agent, _reason(e))
+            peer.release()
             self._remove_agent(peer.agent)
         super().close_epoch()
 

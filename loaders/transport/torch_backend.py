@@ -12,10 +12,19 @@ Two-sided: a receive is read from its planned source only, which posts the match
 group for good (even a barrier fails after), so once one operation fails every later
 read of the epoch fails at once and the executor goes to disk; the next epoch builds a
 new group without the dead rank.
+
+Mirror rows (:meth:`~loaders.transport.PeerTransport.register_mirror`) are sent like
+slots, cut at the layout's offsets into the same per-tensor messages, so receives do not
+change. NCCL sends only device memory while the mirror is host memory: a mirror row is
+copied to the group's device first (held until the next round or epoch). A read from
+this process itself is copied locally, never posted (a process group has no channel to
+itself), and each read is checked against its source's published table; the source
+skips the same sends, so both sides of every pair still match.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -27,7 +36,9 @@ import torch.distributed as dist
 from elastic_ep.errors import ConfigError, TransportError
 
 from loaders.layout import ExpertLayout
-from loaders.transport import PeerRead, PeerSend, TwoSidedTransport, register_backend
+from loaders.transport import PeerRead, PeerSend, TwoSidedTransport, WeightTable, register_backend
+
+log = logging.getLogger(__name__)
 
 
 ABORT_POLL_S = 0.1
@@ -55,6 +66,8 @@ class TorchTransport(TwoSidedTransport):
         self.interface = interface
         self.group: Any = None
         self.broken: str | None = None
+        self._tables: dict[int, WeightTable] = {}  # peers' published tables, this epoch
+        self._send_copies: list[torch.Tensor] = []  # device copies of mirror rows NCCL sends
 
     def _register_weights(self) -> None:
         assert self.table is not None
@@ -114,6 +127,8 @@ class TorchTransport(TwoSidedTransport):
 
     def close_epoch(self) -> None:
         self.group = None  # a broken group's shutdown can block; let it be collected
+        self._tables.clear()
+        self._send_copies = []
         super().close_epoch()
 
     def transfer(
@@ -121,15 +136,51 @@ class TorchTransport(TwoSidedTransport):
     ) -> list[BaseException | None]:
         if self.table is None or self.store is None or self.staging is None:
             raise ConfigError("torch transport: register_weights, connect and register_staging before transfer")
+        out, posted = self._settle_unposted(layer, reads, time.monotonic() + timeout)
+        if not posted and not sends:
+            return out
         if self.broken is not None or self.group is None:
             err = TransportError(f"layer {layer}: the epoch {self.epoch} process group is broken ({self.broken})")
-            return [err] * len(reads)
-        try:
-            works = self._post(layer, reads, sends)
-        except RuntimeError as e:
-            self.broken = str(e).splitlines()[0]
-            return [TransportError(f"layer {layer}: posting the batch failed ({self.broken})")] * len(reads)
-        return self._wait(layer, works, len(reads), timeout)
+            res: list[BaseException | None] = [err] * len(posted)
+        else:
+            try:
+                works = self._post(layer, [reads[i] for i in posted], sends)
+                res = self._wait(layer, works, len(posted), timeout)
+            except RuntimeError as e:
+                self.broken = str(e).splitlines()[0]
+                res = [TransportError(f"layer {layer}: posting the batch failed ({self.broken})")] * len(posted)
+        for i, r in zip(posted, res):
+            out[i] = r
+        return out
+
+    def _settle_unposted(
+        self, layer: int, reads: Sequence[PeerRead], deadline: float
+    ) -> tuple[list[BaseException | None], list[int]]:
+        """Settle the reads that post nothing: from this process (copied here) and of
+        slots their source does not hold (ConfigError; the source skips that send too).
+        Returns every read's outcome so far and the indices of those to post."""
+        assert self.staging is not None
+        out: list[BaseException | None] = [None] * len(reads)
+        posted, eb = [], self.layout.expert_bytes
+        for i, r in enumerate(reads):
+            if r.src == self.me:
+                out[i] = self._pack_own_read(layer, r, self.staging[r.dst_offset : r.dst_offset + eb])
+            elif not 0 <= r.src < self.world:
+                out[i] = ConfigError(f"layer {layer}: read {r} from outside participants 0..{self.world - 1}")
+            elif self.group is not None and self.broken is None:  # else every peer read fails at once
+                try:
+                    out[i] = self._peer_table(r.src, deadline).refuse(layer, r, r.src)
+                except TransportError as e:  # a malformed endpoint: nothing to read it by
+                    out[i] = e
+            if out[i] is None and r.src != self.me:
+                posted.append(i)
+        return out, posted
+
+    def _peer_table(self, peer: int, deadline: float) -> WeightTable:
+        """The table ``peer`` published this epoch (it did before the group formed)."""
+        if peer not in self._tables:
+            self._tables[peer] = self.peer_endpoint(peer, deadline)["table"]
+        return self._tables[peer]
 
     def _recv_buffers(self, reads: Sequence[PeerRead]) -> list[tuple[int, torch.Tensor, int]]:
         """``(peer, staging bytes, read index)`` of every message to receive."""
@@ -144,13 +195,26 @@ class TorchTransport(TwoSidedTransport):
         return out
 
     def _send_buffers(self, layer: int, sends: Sequence[PeerSend]) -> list[tuple[int, torch.Tensor]]:
-        """``(peer, weight row bytes)`` of every message to send, in the receivers' order."""
-        named = self.weights[layer]
-        return [
-            (s.dst, self.layout.row_bytes_view(named[t.name], s.src_slot))
-            for s in sorted(sends, key=lambda s: (s.dst, s.src_slot))
-            for t in self.layout.tensors
-        ]
+        """``(peer, row bytes)`` of every message to send, in the receivers' order: one
+        per tensor of a slot or mirror row (:meth:`own_pieces`)."""
+        assert self.table is not None and self.staging is not None
+        out = []
+        for s in sorted(sends, key=lambda s: (s.dst, s.src_slot)):
+            if s.dst == self.me:
+                continue  # the matching read is copied locally, never received
+            if layer >= len(self.weights) or not self.table.holds(s.src_slot):
+                # The reader checks the same (published) table and posts no receive.
+                log.warning("epoch %d layer %d: participant %d holds no slot %d to send to %d; skipped",
+                            self.epoch, layer, self.me, s.src_slot, s.dst)
+                continue
+            pieces = self.own_pieces(layer, s.src_slot)
+            if self.table.is_mirror(s.src_slot) and self.staging.device.type != "cpu":
+                # NCCL sends device memory only; the copy runs on the current stream,
+                # which NCCL's stream waits for before the send.
+                pieces = [p.to(self.staging.device, non_blocking=p.is_pinned()) for p in pieces]
+                self._send_copies += pieces
+            out += [(s.dst, p) for p in pieces]
+        return out
 
     def _post(self, layer: int, reads: Sequence[PeerRead], sends: Sequence[PeerSend]) -> list[tuple[Any, int | None, int]]:
         """Post every message; ``(work, read index, peer)`` to wait for: index None for
@@ -159,9 +223,13 @@ class TorchTransport(TwoSidedTransport):
         assert self.staging is not None
         coalesce = self.backend == "nccl"
         works: list[tuple[Any, int | None, int]] = []
+        self._send_copies = []  # the last round's were sent: its works were all waited for
+        # Built (mirror rows copied to the device) before the batch opens, so that the
+        # stream NCCL waits for has every copy queued before the first send.
+        send_bufs = self._send_buffers(layer, sends)
         if coalesce:
             self.group._start_coalescing(self.staging.device)
-        for peer, buf in self._send_buffers(layer, sends):
+        for peer, buf in send_bufs:
             works.append((self.group.send([buf], peer, layer), None, peer))
         for peer, buf, i in self._recv_buffers(reads):
             works.append((self.group.recv([buf], peer, layer), i, peer))
