@@ -35,6 +35,7 @@ from elastic_ep.errors import (
 )
 from elastic_ep.core.policy import get_policy
 
+from controller.coverage import mirror_coverage
 from controller.decide import Action, DecideConfig, Kind, Memory, ModelShape, decide
 from controller.election import LeaderElection
 from controller import plan_chunks
@@ -77,6 +78,8 @@ class ControllerConfig:
     leader_ttl_s: int = 3
     ack_timeout_s: float = 300.0
     resync_s: float = 0.5
+    coverage_every_s: float = 10.0
+    """How often a steady leader measures the mirrors' coverage for the metrics."""
     imbalance_threshold: float = 0.0
     """Rebalance when mean/max rank load falls below this (0 disables)."""
     rebalance_cooldown_s: float = 60.0
@@ -105,6 +108,7 @@ class Controller:
         self._rules = cfg.decide_config()
         self.policy = self._rules.policy
         self._memory = Memory(last_rebalance=time.monotonic())
+        self._coverage_at = -1e9
         self._epoch = 0  # the newest epoch the last pass read, for log lines
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -204,7 +208,8 @@ class Controller:
         for a in acks.values():
             for k, v in a.bytes.items():
                 total[k] = total.get(k, 0) + int(v)
-        c = CommitRecord(rec.epoch, rec.new_members, rec.placement, phases, total)
+        c = CommitRecord(rec.epoch, rec.new_members, rec.placement, phases, total, rec.mirrors,
+                         self.cfg.model.expert_bytes)
         tx = self.client.transactions
         t0 = time.monotonic()
         self._fenced(epoch_revision, [tx.put(f"{self.root}/committed", c.to_json())], f"commit epoch {rec.epoch}")
@@ -303,7 +308,21 @@ class Controller:
         # The memory moves on only once the action's writes succeeded: after a refused
         # write the next pass decides again from what it remembered.
         self._memory = self._perform(action, view, planned_s)
+        if action.kind is Kind.STEADY:
+            self._observe_coverage(view)
         return action
+
+    def _observe_coverage(self, view: ClusterView) -> None:
+        """The mirrors' coverage into the metrics, at most every ``coverage_every_s``
+        (it reads every rank's mirror report)."""
+        now = time.monotonic()
+        if now - self._coverage_at < self.cfg.coverage_every_s:
+            return
+        self._coverage_at = now
+        try:
+            self.metrics.coverage(mirror_coverage(view), self.cfg.model.expert_bytes)
+        except ElasticEPError as e:  # a metric must not stop a pass
+            log.warning("epoch %d: mirror coverage not measured: %s", view.epoch, e)
 
     def _perform(self, action: Action, view: ClusterView, planned_s: float) -> Memory:
         """Carry ``action`` out; the memory for the next pass."""

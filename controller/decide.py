@@ -46,11 +46,13 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from elastic_ep.errors import ConfigError
+from elastic_ep.core.mirrors import MirrorAssignment, assign_mirrors
 from elastic_ep.core.placement import ExpertPlacement, balance, initial_placement
 from elastic_ep.core.plan import build_plan
 from elastic_ep.core.policy import RebalancePolicy, get_policy
 from elastic_ep.core.rank_mapping import RankMapping
 
+from controller.coverage import ready_mirrors
 from controller.records import PlanRecord, member_id
 from controller.view import ClusterView
 
@@ -230,6 +232,7 @@ class _Base:
     epoch: int
     members: list[str]
     placement: ExpertPlacement
+    mirrors: MirrorAssignment | None = None
 
 
 @dataclass(frozen=True)
@@ -315,9 +318,9 @@ def _base(view: ClusterView, flight: _Flight | None) -> _Base | None:
         if flight.pending or flight.failed:
             return None
         p = flight.plan
-        return _Base(p.epoch, list(p.new_members), p.placement)
+        return _Base(p.epoch, list(p.new_members), p.placement, p.mirrors)
     c = view.committed
-    return None if c is None else _Base(c.epoch, list(c.members), c.placement)
+    return None if c is None else _Base(c.epoch, list(c.members), c.placement, c.mirrors)
 
 
 def _wait_for(ps: _Pass, memory: Memory, members: tuple[str, ...], kind: Kind) -> Action:
@@ -392,7 +395,8 @@ def _bootstrap(ps: _Pass, memory: Memory) -> Action:
         # Spread over nodes from the start: the first recovery then moves no more for it.
         placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)), _load(view, ms),
                                                      node_of=[view.ranks[r].node for r in ready])
-    rec = PlanRecord(view.epoch + 1, cfg.leader, [], members, None, placement, "bootstrap")
+    mirrors = _assign(view, members, placement, [view.ranks[r].node for r in ready], ms, None)
+    rec = PlanRecord(view.epoch + 1, cfg.leader, [], members, None, placement, "bootstrap", mirrors=mirrors)
     return ps.act(Kind.BOOTSTRAP, replace(memory, phases={}), epoch=rec.epoch, record=rec, reason=rec.reason)
 
 
@@ -451,16 +455,31 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
              + [view.ranks[r].node for r in change.joining])
     new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes),
                                   node_of=_new_nodes(mapping, nodes))
-    plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes)
+    plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes,
+                      mirrors=ready_mirrors(view, base.members, base.mirrors))
     if not change and not plan.transfers:
         return ps.act(Kind.BALANCED, replace(memory, last_rebalance=ps.now), reason=reason)
     new_members = ([members[o] for o in mapping.new_to_old()[: mapping.num_surviving]]
                    + [view.ranks[r].token for r in change.joining])
-    rec = PlanRecord(view.epoch + 1, ps.cfg.leader, list(members), new_members, plan, new, reason)
+    previous = base.mirrors.renumbered(mapping.old_to_new) if base.mirrors is not None else None
+    mirrors = _assign(view, new_members, new, _new_nodes(mapping, nodes), ms, previous)
+    rec = PlanRecord(view.epoch + 1, ps.cfg.leader, list(members), new_members, plan, new, reason, mirrors=mirrors)
     detect = ps.now - memory.detected_at if memory.detected_at is not None else 0.0
     memory = replace(memory, seen=None, shortage=None, detected_at=None, phases={rec.epoch: {"detect": detect}},
                      confirmed=frozenset())
     return ps.act(Kind.PUBLISH, memory, epoch=rec.epoch, record=rec, reason=reason)
+
+
+def _assign(view: ClusterView, members: list[str], placement: ExpertPlacement, node_of: list[str], ms: ModelShape,
+            previous: MirrorAssignment | None) -> MirrorAssignment | None:
+    """The mirrors the ranks of ``placement`` (``members[r]``: rank ``r``'s token) keep,
+    each within the rows its registration offers; None when none offers any."""
+    most = ms.num_layers * ms.num_logical
+    capacity = [min(view.ranks[member_id(m)].mirror_rows, most) if member_id(m) in view.ranks else 0
+                for m in members]
+    if not any(capacity):
+        return None
+    return assign_mirrors(placement, node_of, capacity, _load(view, ms), previous)
 
 
 def _new_nodes(mapping: RankMapping, nodes: list[str]) -> list[str]:

@@ -44,6 +44,14 @@ class ControllerMetrics:
                                  "Requests or replies refused for their size, by etcd client call", ["operation"],
                                  registry=r)
         self._too_large_seen: set[tuple[str, int]] = set()
+        self.mirror_bytes = Gauge("elastic_ep_mirror_bytes", "Host memory of each rank's expert mirror", ["rank"],
+                                  registry=r)
+        self.mirror_rows = Gauge("elastic_ep_mirror_rows", "Mirror rows the committed assignment gives, by state",
+                                 ["state"], registry=r)
+        self.worst_loss = Gauge("elastic_ep_worst_domain_loss_experts",
+                                "Experts the worst single node (or rank) loss would read from disk", registry=r)
+        self.worst_loss_bytes = Gauge("elastic_ep_worst_domain_loss_bytes",
+                                      "Bytes the worst single node (or rank) loss would read from disk", registry=r)
         self.heartbeat = time.monotonic()
 
     def beat(self) -> None:
@@ -66,6 +74,17 @@ class ControllerMetrics:
         for state, n in counts.items():
             self.members_by_state.labels(state=state).set(n)
         self.beat()
+
+    def coverage(self, cov: Any, expert_bytes: int) -> None:
+        """Mirror memory per rank and the worst single-domain loss
+        (:class:`controller.coverage.Coverage`)."""
+        self.mirror_bytes.clear()
+        for r in cov.ranks:
+            self.mirror_bytes.labels(rank=r.id).set(r.rows * expert_bytes)
+        self.mirror_rows.labels(state="ready").set(cov.ready)
+        self.mirror_rows.labels(state="pending").set(cov.pending)
+        self.worst_loss.set(cov.worst_experts)
+        self.worst_loss_bytes.set(cov.worst_experts * expert_bytes)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

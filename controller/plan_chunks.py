@@ -33,7 +33,7 @@ import numpy as np
 
 from elastic_ep.core.packed import pack, unpack
 from elastic_ep.core.placement import MAX_ELEMENTS, ExpertPlacement
-from elastic_ep.core.plan import Transfer, TransferPlan, transfer_rows, transfers_from_rows
+from elastic_ep.core.plan import REMOTE, Transfer, TransferPlan, transfer_rows, transfers_from_rows
 from elastic_ep.core.rank_mapping import RankMapping
 from elastic_ep.errors import ElasticEPError, MalformedValueError, PlanError
 
@@ -71,12 +71,13 @@ def encode(rec: PlanRecord) -> dict[str, bytes]:
     out = {OLD: _value(rec.epoch, OLD, {"placement": plan.old.to_dict()})}
     by_new: dict[int, list[Transfer]] = defaultdict(list)
     by_old: dict[int, list[Transfer]] = defaultdict(list)
+    o2n = plan.mapping.old_to_new
     for t in plan.transfers:
         by_new[t.dst_rank].append(t)
-        if t.route == "peer":
+        if t.route in REMOTE and o2n[t.sources[0].rank] != t.dst_rank:
             by_old[t.sources[0].rank].append(t)
     for p, (o, n) in enumerate(participant_ranks(plan.mapping)):
-        # A peer read from o to o's own new rank would be local: the two lists never overlap.
+        # A read from o's own GPU or mirror is o's receive only: the two lists never overlap.
         ts = (by_new.get(n, []) if n is not None else []) + (by_old.get(o, []) if o is not None else [])
         if ts:
             out[part_name(p)] = _value(rec.epoch, part_name(p), {"rows": pack(transfer_rows(ts))})

@@ -7,6 +7,7 @@ key                          value                                              
 ===========================  =================================================  ===========  ==========
 ``ranks/<id>``               :class:`RankRecord`, under the rank's lease        that rank    16 KiB
 ``load/<id>``                :class:`LoadRecord`, under the rank's lease        that rank    4 MiB
+``mirrors/<id>``             :class:`MirrorRecord`, under the rank's lease      that rank    256 KiB
 ``acks/<id>``                :class:`AckRecord` of its newest plan              that rank    64 KiB
 ``suspects/<id>/<target>``   :class:`SuspectRecord`, under the reporter's lease  that rank    4 KiB
 ``store/...``                scratch of plan execution (barriers, endpoints)    ranks        (not read)
@@ -48,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from elastic_ep.errors import ElasticEPError, MalformedValueError
+from elastic_ep.core.mirrors import MirrorAssignment
 from elastic_ep.core.packed import pack, unpack
 from elastic_ep.core.placement import MAX_ELEMENTS, MAX_LOGICAL, ExpertPlacement, describe, record_int, record_ints
 from elastic_ep.core.plan import MAX_EPOCH, MAX_EXPERT_BYTES, TransferPlan
@@ -57,7 +59,7 @@ SCHEMA = 1
 STATES = ("joining", "active", "draining")
 
 KiB, MiB = 1 << 10, 1 << 20
-MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "acks": 64 * KiB, "suspects": 4 * KiB, "leader": 256, "epoch": 24,
+MAX_BYTES = {"ranks": 16 * KiB, "load": 4 * MiB, "mirrors": 256 * KiB, "acks": 64 * KiB, "suspects": 4 * KiB, "leader": 256, "epoch": 24,
              "plan": 1 * MiB, "committed": 1 * MiB, "chunk": 512 * KiB,
              "routing": 64 * KiB}
 """The largest raw value read per key kind: a registration is a few hundred bytes, a
@@ -333,7 +335,8 @@ def parse_leader(key: str, raw: Any, revision: int = 0) -> str:
 class RankRecord:
     """One rank's registration: ``RankRecord("pod-3", host="10.0.0.7", device="cuda:3",
     node="node-0", state="active", endpoint={"transport": "nixl"}, pid=4242,
-    incarnation="1f0c9a2e")``. ``id``: printable, no space, ``/`` or ``#``."""
+    incarnation="1f0c9a2e", mirror_rows=96)``. ``id``: printable, no space, ``/`` or ``#``;
+    ``mirror_rows``: experts its host-memory mirror holds (0: none)."""
 
     id: str
     host: str
@@ -343,6 +346,7 @@ class RankRecord:
     endpoint: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
     incarnation: str = ""
+    mirror_rows: int = 0
 
     @property
     def token(self) -> str:
@@ -358,7 +362,7 @@ class RankRecord:
         rec = cls(
             id=f.text("id", ident="id"), host=f.text("host"), device=f.text("device"), node=f.text("node"),
             state=f.choice("state", STATES), endpoint=f.obj("endpoint", {}), pid=f.integer("pid", 0, 1 << 32, 0),
-            incarnation=f.text("incarnation", 64, "", ident="id"),
+            incarnation=f.text("incarnation", 64, "", ident="id"), mirror_rows=f.integer("mirror_rows", 0, MAX_ELEMENTS, 0),
         )
         if not rec.id:
             raise f.bad("field 'id' is empty")
@@ -395,6 +399,32 @@ class LoadRecord:
                   f.by_name("served", number=False), f.integers("epochs", 0, MAX_EPOCH, 4096, []))
         f.suffix(rec.id)
         return rec
+
+
+@dataclass(frozen=True, eq=False)
+class MirrorRecord:
+    """What a rank's host-memory mirror holds ready to be read: ``rows[i]`` is the flat id
+    ``layer * num_logical + logical`` of the expert row ``i`` holds, ``-1`` for a row empty
+    or being written. ``token``: the registration (``id#incarnation``) whose memory it
+    is; a new incarnation starts empty. Example: ``MirrorRecord("r2#c", np.array([17, -1, 300]))``
+    (row 0 holds layer 0 expert 17, row 2 layer 1 expert 44 of a 256-expert model)."""
+
+    token: str
+    rows: np.ndarray
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": SCHEMA, "token": self.token, "rows": pack(np.asarray(self.rows, dtype=np.int64))},
+                          separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, key: str, raw: Any, revision: int = 0) -> "MirrorRecord":
+        f = _record(key, raw, "mirrors", revision)
+        token = f.text("token", ident="token")
+        rows = unpack(f.d.get("rows"), "field 'rows'", MAX_ELEMENTS, f.bad, ndim=1)
+        if rows.size and (rows.min() < -1 or rows.max() >= MAX_ELEMENTS):
+            raise f.bad(f"field 'rows' holds ids outside -1..{MAX_ELEMENTS - 1}")
+        f.suffix(member_id(token))
+        return cls(token, rows)
 
 
 SUSPICIONS = ("closed", "silent", "self")
@@ -491,6 +521,8 @@ class PlanRecord:
     nonce: str = ""
     """Hex that names this head's chunk prefix, so no other writer's chunks collide."""
     chunks: tuple[ChunkRef, ...] = ()
+    mirrors: MirrorAssignment | None = None
+    """The host-memory mirrors each new rank keeps once the plan commits (new ranks)."""
 
     def __post_init__(self) -> None:
         if self.plan is not None:
@@ -513,6 +545,7 @@ class PlanRecord:
             "mapping": None if self.mapping is None else self.mapping.to_dict(), "expert_bytes": self.expert_bytes,
             "placement": self.placement.to_dict(), "nonce": self.nonce,
             "chunks": [[c.name, c.size, c.sha256] for c in self.chunks],
+            **_mirrors_field(self.mirrors),
         }, separators=(",", ":"))
 
     @classmethod
@@ -527,7 +560,7 @@ class PlanRecord:
         rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.text("leader"), f.tokens("old_members"), f.tokens("new_members"),
                   None, placement, f.text("reason", 4096, ""), mapping,
                   f.integer("expert_bytes", 0 if mapping is None else 1, MAX_EXPERT_BYTES, 0),
-                  f.text("nonce", 32, ""), _chunk_refs(f))
+                  f.text("nonce", 32, ""), _chunk_refs(f), _read_mirrors(f, placement))
         if mapping is not None and (len(rec.old_members) != mapping.old_ep_size
                                     or len(rec.new_members) != mapping.new_ep_size):
             raise f.bad(f"{len(rec.old_members)} -> {len(rec.new_members)} members for a mapping of "
@@ -548,6 +581,22 @@ class PlanRecord:
     def chunk(self, name: str) -> ChunkRef | None:
         """The chunk named ``name``, None when the head names none (nothing to read)."""
         return next((c for c in self.chunks if c.name == name), None)
+
+
+def _mirrors_field(m: MirrorAssignment | None) -> dict[str, Any]:
+    return {} if m is None else {"mirrors": m.to_dict()}
+
+
+def _read_mirrors(f: "_Fields", placement: ExpertPlacement) -> MirrorAssignment | None:
+    """The optional ``mirrors`` field: an assignment on ``placement``'s ranks."""
+    v = f.d.get("mirrors")
+    if v is None:
+        return None
+    try:
+        return MirrorAssignment.from_dict(v, placement.num_layers, placement.num_logical, placement.ep_size,
+                                          placement.num_layers * placement.num_logical)
+    except ElasticEPError as e:
+        raise f.bad(f"field 'mirrors': {e}") from None
 
 
 def _chunk_refs(f: "_Fields") -> tuple[ChunkRef, ...]:
@@ -610,10 +659,15 @@ class CommitRecord:
     placement: ExpertPlacement
     phases: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    mirrors: MirrorAssignment | None = None
+    """The host-memory mirrors each rank keeps (the committed plan's)."""
+    expert_bytes: int = 0
+    """Bytes of one expert (0: not recorded), for tools that size mirrors and losses."""
 
     def to_json(self) -> str:
         return json.dumps({"schema": SCHEMA, "epoch": self.epoch, "members": self.members,
-                           "placement": self.placement.to_dict(), "phases": self.phases, "bytes": self.bytes})
+                           "placement": self.placement.to_dict(), "phases": self.phases, "bytes": self.bytes,
+                           "expert_bytes": self.expert_bytes, **_mirrors_field(self.mirrors)})
 
     @classmethod
     def parse(cls, key: str, raw: Any, revision: int = 0) -> "CommitRecord":
@@ -624,7 +678,8 @@ class CommitRecord:
         except ElasticEPError as e:
             raise f.bad(str(e)) from None
         rec = cls(f.integer("epoch", 0, MAX_EPOCH), f.tokens("members"), placement,
-                  f.by_name("phases", number=True), f.by_name("bytes", number=False))
+                  f.by_name("phases", number=True), f.by_name("bytes", number=False), _read_mirrors(f, placement),
+                  f.integer("expert_bytes", 0, MAX_EXPERT_BYTES, 0))
         if len(rec.members) != placement.ep_size:
             raise f.bad(f"{len(rec.members)} members for {placement.ep_size} ranks")
         return rec

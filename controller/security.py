@@ -4,6 +4,7 @@ The key layout under ``root = <prefix>/<deployment>`` and who writes it::
 
     <root>/ranks/<id>              rank <id> (its registration, under its lease)
     <root>/load/<id>               rank <id> (its expert load window)
+    <root>/mirrors/<id>            rank <id> (its host-memory mirror's ready rows)
     <root>/acks/<id>               rank <id> (its ack of the newest plan, epoch inside)
     <root>/suspects/<id>/...       rank <id> (its reports on peers, under its lease)
     <root>/store/...               every rank (barrier keys, heartbeats, endpoints)
@@ -74,8 +75,8 @@ def auth_layout(root: str, rank_ids: list[str], role_prefix: str = "elastic-ep")
     """The roles of a deployment under ``root``: the controller's first, then one per rank.
 
     controller: readwrite ``<root>/`` (prefix).
-    rank <id>:  readwrite ``<root>/ranks/<id>``, ``<root>/load/<id>`` and
-                ``<root>/acks/<id>`` (single keys), readwrite ``<root>/store/`` (prefix),
+    rank <id>:  readwrite ``<root>/ranks/<id>``, ``<root>/load/<id>``, ``<root>/mirrors/<id>``
+                and ``<root>/acks/<id>`` (single keys), readwrite ``<root>/store/`` (prefix),
                 read ``<root>/`` (prefix).
     """
     if not root.startswith("/") or root.endswith("/"):
@@ -92,6 +93,7 @@ def auth_layout(root: str, rank_ids: list[str], role_prefix: str = "elastic-ep")
             Grant("read", top, prefix=True),
             Grant("readwrite", f"{top}ranks/{rid}"),
             Grant("readwrite", f"{top}load/{rid}"),
+            Grant("readwrite", f"{top}mirrors/{rid}"),
             Grant("readwrite", f"{top}acks/{rid}"),
             Grant("readwrite", f"{top}suspects/{rid}/", prefix=True),
             Grant("readwrite", f"{top}store/", prefix=True),

@@ -10,12 +10,12 @@ a reader: :func:`read_view` raises only when etcd cannot be read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from controller import plan_chunks
 from controller.etcd_client import KeptMeta, call, read_ranges_since
 from controller.records import (
-    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id, parse_epoch,
+    AckRecord, CommitRecord, LoadRecord, MirrorRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id, parse_epoch,
     parse_leader,
 )
 from elastic_ep.errors import ElasticEPError, MalformedValueError
@@ -58,6 +58,10 @@ class ClusterView:
     plan_error: str = ""
     """Why the plan's chunks could not be read whole, when that was asked and failed."""
     load_reader: Callable[[], dict[str, LoadRecord]] | None = field(default=None, repr=False, compare=False)
+    mirrors: dict[str, MirrorRecord] = field(default_factory=dict)
+    """Host-memory mirror reports by rank id, once read (:meth:`read_mirrors`): only
+    those of live registrations, under their current leases."""
+    mirror_reader: Callable[[], dict[str, MirrorRecord]] | None = field(default=None, repr=False, compare=False)
 
     def read_loads(self) -> dict[str, LoadRecord]:
         """The load windows: read now (in pages) if this view has not read them yet."""
@@ -65,6 +69,13 @@ class ClusterView:
             reader, self.load_reader = self.load_reader, None
             self.loads.update(reader())
         return self.loads
+
+    def read_mirrors(self) -> dict[str, MirrorRecord]:
+        """The mirror reports: read now (in pages) if this view has not read them yet."""
+        if self.mirror_reader is not None:
+            reader, self.mirror_reader = self.mirror_reader, None
+            self.mirrors.update(reader())
+        return self.mirrors
 
     def is_live(self, member: str) -> bool:
         """True while ``member`` (``id#incarnation``) is registered as that incarnation."""
@@ -166,6 +177,7 @@ def read_view(client: Any, root: str, on_malformed: OnMalformed | None = None,
     r = _Reader(view, on_malformed, cache)
     _read_ranks(r, f"{root}/ranks/", ranks)
     view.load_reader = lambda: _read_loads(r, client, f"{root}/load/")
+    view.mirror_reader = lambda: _read_mirrors(r, client, f"{root}/mirrors/")
     for value, meta in epoch:
         view.epoch_revision = meta.mod_revision
         view.epoch = r.parse(parse_epoch, value, meta) or 0
@@ -211,18 +223,41 @@ def _read(client: Any, root: str, cache: ParseCache | None) -> list[list[tuple[b
 def _read_loads(r: _Reader, client: Any, prefix: str) -> dict[str, LoadRecord]:
     """Every load window under ``prefix``, :data:`LOAD_PAGE` keys per read, all at the
     revision of the first read."""
+    out: dict[str, LoadRecord] = {}
+    for kv in _pages(client, prefix, LOAD_PAGE):
+        if (ld := r.owned(LoadRecord.parse, prefix, kv.value, kv, lambda x: x.id)) is not None:
+            out[ld.id] = ld
+    return out
+
+
+MIRROR_PAGE = 64
+"""Mirror reports per ranged read: a report is at most a few KiB for DeepSeek-V3."""
+
+
+def _read_mirrors(r: _Reader, client: Any, prefix: str) -> dict[str, MirrorRecord]:
+    """The mirror report of each live registration, under its current lease (a report
+    outlives neither the rank's lease nor its incarnation)."""
+    out: dict[str, MirrorRecord] = {}
+    view = r.view
+    for kv in _pages(client, prefix, MIRROR_PAGE):
+        rec = r.owned(MirrorRecord.parse, prefix, kv.value, kv, lambda x: member_id(x.token))
+        if rec is not None and view.is_live(rec.token) and kv.lease == view.leases.get(member_id(rec.token)):
+            out[member_id(rec.token)] = rec
+    return out
+
+
+def _pages(client: Any, prefix: str, page: int) -> Iterator[Any]:
+    """Every key-value under ``prefix``, ``page`` keys per read, all at the revision of
+    the first read."""
     from etcd3.utils import prefix_range_end, to_bytes
 
-    out: dict[str, LoadRecord] = {}
     start, end, revision = to_bytes(prefix), prefix_range_end(to_bytes(prefix)), None
     while True:
-        resp = call(client.get_range_response, f"read {prefix}", start, end, limit=LOAD_PAGE, revision=revision)
+        resp = call(client.get_range_response, f"read {prefix}", start, end, limit=page, revision=revision)
         revision = revision or resp.header.revision
-        for kv in resp.kvs:
-            if (ld := r.owned(LoadRecord.parse, prefix, kv.value, kv, lambda x: x.id)) is not None:
-                out[ld.id] = ld
+        yield from resp.kvs
         if not resp.more or not resp.kvs:
-            return out
+            return
         start = resp.kvs[-1].key + b"\0"
 
 

@@ -128,7 +128,8 @@ def test_layout_gives_ranks_single_keys_and_shared_prefixes():
     assert [(g.perm, g.key, g.prefix) for g in ctl.grants] == [("readwrite", f"{ROOT}/", True)]
     assert {(g.perm, g.key, g.prefix) for g in r0.grants} == {
         ("read", f"{ROOT}/", True), ("readwrite", f"{ROOT}/ranks/0", False), ("readwrite", f"{ROOT}/load/0", False),
-        ("readwrite", f"{ROOT}/acks/0", False), ("readwrite", f"{ROOT}/suspects/0/", True),
+        ("readwrite", f"{ROOT}/mirrors/0", False), ("readwrite", f"{ROOT}/acks/0", False),
+        ("readwrite", f"{ROOT}/suspects/0/", True),
         ("readwrite", f"{ROOT}/store/", True),
     }
     assert r0.grants[0].range_end() == f"{ROOT}0".encode()

@@ -107,7 +107,7 @@ def test_missing_experts_go_to_disk_only():
     plan = build_plan(old, new, m, 5)
     assert plan.missing == ((2, 3),)
     assert [t.route for t in plan.transfers] == ["disk", "disk"]
-    assert plan.summary()["bytes"] == {"local": 0, "peer": 0, "disk": 10}
+    assert plan.summary()["bytes"] == {"local": 0, "peer": 0, "mirror": 0, "disk": 10}
 
 
 def _plan_dict() -> dict:

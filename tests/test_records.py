@@ -8,15 +8,17 @@ import copy
 import json
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import (
-    MAX_BYTES, MAX_DEPTH, AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, json_depth, load_json,
+    MAX_BYTES, MAX_DEPTH, AckRecord, CommitRecord, LoadRecord, MirrorRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, json_depth, load_json,
     member_token, parse_epoch, parse_leader,
 )
 from controller.view import ClusterView, read_view
+from elastic_ep.core.mirrors import assign_mirrors
 from elastic_ep.core.placement import ExpertPlacement, initial_placement
 from elastic_ep.core.plan import TransferPlan, build_plan
 from elastic_ep.core.rank_mapping import RankMapping
@@ -32,7 +34,9 @@ def _plan_record() -> PlanRecord:
     mapping = RankMapping.build(3, dead=[1], num_joining=1)
     new = initial_placement(2, 8, 3, 4)
     plan = build_plan(old, new, mapping, 1024, epoch=2)
-    return PlanRecord(2, "ctl-a", ["r0#a", "r1#a", "r2#a"], ["r0#a", "r2#a", "r3#b"], plan, new, "dead ['r1#a']")
+    mirrors = assign_mirrors(new, ["n0", "n0", "n1"], [4, 4, 4])
+    return PlanRecord(2, "ctl-a", ["r0#a", "r1#a", "r2#a"], ["r0#a", "r2#a", "r3#b"], plan, new, "dead ['r1#a']",
+                      mirrors=mirrors)
 
 
 VALID: dict[str, Any] = {
@@ -43,14 +47,16 @@ VALID: dict[str, Any] = {
     "routing": RoutingRecord(3, ["r1#a"]),
     "plan": _plan_record(),
     "committed": CommitRecord(1, ["r0#a", "r1#a", "r2#a"], initial_placement(2, 8, 3, 4), {"transfer": 1.0},
-                              {"disk": 4096}),
+                              {"disk": 4096}, assign_mirrors(initial_placement(2, 8, 3, 4), ["", "", ""], [2, 2, 2]),
+                              1024),
+    "mirrors/r0": MirrorRecord("r0#a", np.array([3, -1, 12])),
 }
 PARSERS: dict[str, Callable[..., Any]] = {
     "ranks/r0": RankRecord.parse, "load/r0": LoadRecord.parse, "acks/r0": AckRecord.parse,
-    "suspects/r0/r1": SuspectRecord.parse, "plan": PlanRecord.parse, "routing": RoutingRecord.parse, "committed": CommitRecord.parse, "epoch": parse_epoch, "leader": parse_leader,
+    "suspects/r0/r1": SuspectRecord.parse, "mirrors/r0": MirrorRecord.parse, "plan": PlanRecord.parse, "routing": RoutingRecord.parse, "committed": CommitRecord.parse, "epoch": parse_epoch, "leader": parse_leader,
 }
 TYPES = {"ranks/r0": RankRecord, "load/r0": LoadRecord, "acks/r0": AckRecord, "suspects/r0/r1": SuspectRecord,
-         "routing": RoutingRecord,
+         "routing": RoutingRecord, "mirrors/r0": MirrorRecord,
          "plan": PlanRecord,
          "committed": CommitRecord, "epoch": int, "leader": str}
 
@@ -71,9 +77,12 @@ def parses_or_refuses(name: str, raw: Any) -> Any:
 
 def test_valid_records_round_trip() -> None:
     for name, rec in VALID.items():
-        assert parses_or_refuses(name, rec.to_json()) == rec or name == "plan"
-    again = parses_or_refuses("plan", VALID["plan"].to_json())
-    assert again.to_json() == VALID["plan"].to_json()
+        assert parses_or_refuses(name, rec.to_json()) == rec or name in ("plan", "mirrors/r0")
+    for name in ("plan", "mirrors/r0"):
+        again = parses_or_refuses(name, VALID[name].to_json())
+        assert again.to_json() == VALID[name].to_json()
+    plan = parses_or_refuses("plan", VALID["plan"].to_json())
+    assert plan.mirrors is not None and plan.mirrors == VALID["plan"].mirrors and plan.mirrors.count() > 0
 
 
 # -- adversarial values --------------------------------------------------------------------
@@ -197,7 +206,8 @@ def test_size_and_depth_are_checked_before_decoding() -> None:
     for name, cap in MAX_BYTES.items():
         if name == "chunk":  # read with its digest checked first: tests/test_plan_chunks.py
             continue
-        key = {"ranks": "ranks/r0", "load": "load/r0", "acks": "acks/r0", "suspects": "suspects/r0/r1"}.get(name, name)
+        key = {"ranks": "ranks/r0", "load": "load/r0", "acks": "acks/r0", "suspects": "suspects/r0/r1",
+               "mirrors": "mirrors/r0"}.get(name, name)
         with pytest.raises(MalformedValueError, match="bytes, more than|not a"):
             PARSERS[key](f"{ROOT}/{key}", b"1" * (cap + 1))
     with pytest.raises(MalformedValueError, match="nested"):
@@ -264,7 +274,7 @@ def etcd_client():
 
 
 KEYS = ["ranks/r0", "ranks/r1", "ranks/r1/x", "load/r0", "load/zz", "acks/r0", "acks/r1", "plan", "committed",
-        "epoch", "leader", "store/7/x"]
+        "epoch", "leader", "store/7/x", "mirrors/r0", "mirrors/r1/x"]
 raw_values = (st.binary(max_size=200) | json_values.map(dump).map(str.encode)
               | st.sampled_from(SPECIAL_TEXT).map(lambda t: t.encode("utf-8", "surrogatepass")))
 
@@ -297,8 +307,10 @@ def test_read_view_never_raises_for_values(etcd_client: Any, deployment: list[tu
         client.put(full, value, lease=lease if leased else None)
     seen: list[tuple[str, int]] = []
     view = read_view(client, ROOT, lambda k, e: seen.append((k, e.revision)))
+    view.read_mirrors()
     assert isinstance(view, ClusterView) and len(seen) == len(view.malformed)
     assert all(rev > 0 for _, rev in seen), seen
+    assert set(view.mirrors) <= set(view.ranks)
     assert set(view.ranks) <= {"r0", "r1"} and all(view.leases[r] == lease.id for r in view.ranks)
     assert view.epoch >= max([0] + [r.epoch for r in (view.plan, view.committed) if r is not None])
     client.revoke_lease(lease.id)

@@ -8,10 +8,15 @@ mapping in the plan translates between the two.
 
 Each transfer lists its sources in the order to try them: a copy already on the
 destination's own GPU (``local``), then live peers (``peer``: same node first, the
-first choice spread so that no rank sends far more than the others), then ``disk``.
-A logical expert with no live replica is *missing*: its transfers list only disk.
+first choice spread so that no rank sends far more than the others), then a ready
+host-memory mirror on a live rank (``mirror``), then ``disk``. A logical expert with
+neither a live replica nor a ready mirror is *missing*: its transfers list only disk.
 Sources are read in place from the weights each rank registered: an expert read by
 several destinations is read once per destination and never staged on the source.
+
+A source names a slot of its rank: ``0 .. slots_per_rank - 1`` are the GPU slots of the
+transfer's layer, and ``slots_per_rank + i`` is row ``i`` of the rank's mirror (a host
+buffer of packed experts, any layer's: :mod:`elastic_ep.core.mirrors` says which).
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
 from elastic_ep.errors import PlacementError, PlanError, RankMappingError
 from elastic_ep.core.placement import ExpertPlacement, describe, record_int, record_ints
 from elastic_ep.core.rank_mapping import RankMapping
+
+if TYPE_CHECKING:
+    from elastic_ep.core.mirrors import MirrorAssignment
 
 SCHEMA_VERSION = 1
 MAX_PLAN_BYTES = 64 << 20
@@ -36,15 +44,18 @@ MAX_EXPERT_BYTES = 1 << 50
 DISK = -1
 """``Source.rank`` of the safetensors checkpoint."""
 
-Route = Literal["local", "peer", "disk"]
-ROUTES: tuple[Route, ...] = ("local", "peer", "disk")
+Route = Literal["local", "peer", "mirror", "disk"]
+ROUTES: tuple[Route, ...] = ("local", "peer", "mirror", "disk")
+REMOTE: frozenset[str] = frozenset({"peer", "mirror"})
+"""Routes read from another process's registered memory (or this one's mirror)."""
 
 
 @dataclass(frozen=True)
 class Source:
     """Where a slot's weights can be read: ``rank`` (old numbering) and its local
-    ``slot``, or ``rank == DISK`` (then ``slot == -1``). ``route`` is derived from the
-    destination: ``local`` when the source is the destination's own process."""
+    ``slot`` (``slots_per_rank + i``: its mirror row ``i``), or ``rank == DISK`` (then
+    ``slot == -1``). ``route`` is derived: ``mirror`` for a mirror row, else ``local``
+    when the source is the destination's own process, else ``peer``."""
 
     rank: int
     slot: int
@@ -116,15 +127,17 @@ class TransferPlan:
         return [t for t in ts if t.dst_rank == new_rank]
 
     def peer_reads_from(self, old_rank: int, layer: int | None = None) -> list[Transfer]:
-        """Transfers whose planned source is ``old_rank`` over the network."""
+        """Transfers whose planned source is ``old_rank`` over the network (its GPU
+        slots or its mirror, for another process)."""
         ts = self.transfers if layer is None else self.layer_transfers(layer)
-        return [t for t in ts if t.route == "peer" and t.sources[0].rank == old_rank]
+        n2o = self.mapping.new_to_old()
+        return [t for t in ts if t.route in REMOTE and t.sources[0].rank == old_rank and n2o[t.dst_rank] != old_rank]
 
     def part_of(self, old_rank: int | None, new_rank: int | None) -> "TransferPlan":
         """One participant's part: the transfers it receives (as new rank ``new_rank``)
         and those whose planned source it is (as old rank ``old_rank``), each once."""
         ts = [t for t in self.transfers
-              if t.dst_rank == new_rank or (t.route == "peer" and t.sources[0].rank == old_rank)]
+              if t.dst_rank == new_rank or (t.route in REMOTE and t.sources[0].rank == old_rank)]
         return self.with_transfers(tuple(ts), (old_rank, new_rank))
 
     def with_transfers(self, transfers: tuple[Transfer, ...], part: tuple[int | None, int | None] | None
@@ -153,7 +166,7 @@ class TransferPlan:
         sent: dict[int, int] = defaultdict(int)
         for t in self.transfers:
             per_rank[t.dst_rank][t.route] += self.expert_bytes
-            if t.route == "peer":
+            if t.route in REMOTE:
                 sent[t.sources[0].rank] += self.expert_bytes
         return {
             "epoch": self.epoch,
@@ -171,8 +184,10 @@ class TransferPlan:
     # -- invariants --------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`PlanError` unless the plan turns ``old`` into ``new`` reading
-        only from live sources that hold the expert, with disk last and used alone
-        exactly for missing experts."""
+        only from live sources that hold the expert (a mirror row's content is the
+        controller's record, not the plan's: it is checked against the rows the rank
+        reported ready when the plan is built), with disk last and used alone exactly
+        for missing experts."""
         m, old, new = self.mapping, self.old, self.new
         if old.ep_size != m.old_ep_size or new.ep_size != m.new_ep_size:
             raise PlanError(
@@ -185,6 +200,7 @@ class TransferPlan:
             raise PlanError(f"missing lists {len(self.missing)} layers, placements have {new.num_layers}")
         new.validate()
         spr = old.slots_per_rank
+        mirror_rows = max_mirror_rows(new)
         state = m.carry_over(old)
         live = m.live_sources
         new_to_old = m.new_to_old()
@@ -200,11 +216,12 @@ class TransferPlan:
             for s in t.sources[:-1]:
                 if s.rank not in live:
                     raise PlanError(f"{where}: source rank {s.rank} is dead")
-                if not 0 <= s.slot < spr:
-                    raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} is out of range 0..{spr - 1}")
-                if old.phy2log[t.layer, s.rank * spr + s.slot] != t.logical:
+                if not 0 <= s.slot < spr + mirror_rows:
+                    raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} is out of range "
+                                    f"0..{spr + mirror_rows - 1}")
+                if s.slot < spr and old.phy2log[t.layer, s.rank * spr + s.slot] != t.logical:
                     raise PlanError(f"{where}: source rank {s.rank} slot {s.slot} does not hold expert {t.logical}")
-                want = "local" if s.rank == new_to_old[t.dst_rank] else "peer"
+                want = _route(s.rank, s.slot, spr, new_to_old[t.dst_rank])
                 if s.route != want:
                     raise PlanError(f"{where}: source rank {s.rank} has route {s.route}, expected {want}")
             state[t.layer, t.dst_rank * spr + t.dst_slot] = t.logical
@@ -221,7 +238,7 @@ class TransferPlan:
         assert self.part is not None
         old_rank, new_rank = self.part
         for t in self.transfers:
-            if t.dst_rank != new_rank and not (t.route == "peer" and t.sources[0].rank == old_rank):
+            if t.dst_rank != new_rank and not (t.route in REMOTE and t.sources[0].rank == old_rank):
                 raise PlanError(f"transfer layer {t.layer} -> rank {t.dst_rank} slot {t.dst_slot} is not part of "
                                 f"old rank {old_rank} / new rank {new_rank}'s plan")
         if new_rank is not None:
@@ -312,27 +329,37 @@ def _read_transfers(rows: Any, mapping: RankMapping, new: ExpertPlacement) -> tu
         dst = record_int(row[1], f"{where} dst_rank", 0, mapping.new_ep_size - 1, PlanError)
         slot = record_int(row[2], f"{where} dst_slot", 0, spr - 1, PlanError)
         logical = record_int(row[3], f"{where} logical", 0, new.num_logical - 1, PlanError)
-        out.append(Transfer(layer, dst, slot, logical, _read_sources(row[4], where, mapping, spr, new_to_old[dst])))
+        out.append(Transfer(layer, dst, slot, logical, _read_sources(row[4], where, mapping, new, new_to_old[dst])))
     return tuple(out)
 
 
-def _read_sources(srcs: Any, where: str, mapping: RankMapping, spr: int, dst_old: int) -> tuple[Source, ...]:
-    if not isinstance(srcs, list) or len(srcs) > mapping.old_ep_size + 1:
-        raise PlanError(f"{where}: sources must be a list of at most {mapping.old_ep_size + 1} [rank, slot] pairs, "
-                        f"got {describe(srcs)}")
+def _read_sources(srcs: Any, where: str, mapping: RankMapping, new: ExpertPlacement, dst_old: int
+                  ) -> tuple[Source, ...]:
+    # A mirror source may follow every peer: one more than a peer list can hold.
+    most = mapping.old_ep_size + 2
+    if not isinstance(srcs, list) or len(srcs) > most:
+        raise PlanError(f"{where}: sources must be a list of at most {most} [rank, slot] pairs, got {describe(srcs)}")
+    spr, top = new.slots_per_rank, new.slots_per_rank + max_mirror_rows(new) - 1
     out = []
     for pair in srcs:
         if not isinstance(pair, list) or len(pair) != 2:
             raise PlanError(f"{where}: a source must be [rank, slot], got {describe(pair)}")
         r = record_int(pair[0], f"{where} source rank", DISK, mapping.old_ep_size - 1, PlanError)
-        s = record_int(pair[1], f"{where} source slot", -1 if r == DISK else 0, -1 if r == DISK else spr - 1, PlanError)
-        out.append(Source(r, s, _route(r, dst_old)))
+        s = record_int(pair[1], f"{where} source slot", -1 if r == DISK else 0, -1 if r == DISK else top, PlanError)
+        out.append(Source(r, s, _route(r, s, spr, dst_old)))
     return tuple(out)
 
 
-def _route(src_rank: int, dst_old_rank: int) -> Route:
+def max_mirror_rows(placement: ExpertPlacement) -> int:
+    """The most mirror rows a source may name: one per (layer, logical expert)."""
+    return placement.num_layers * placement.num_logical
+
+
+def _route(src_rank: int, slot: int, spr: int, dst_old_rank: int) -> Route:
     if src_rank == DISK:
         return "disk"
+    if slot >= spr:
+        return "mirror"
     return "local" if src_rank == dst_old_rank else "peer"
 
 
@@ -369,7 +396,8 @@ def transfers_from_rows(rows: np.ndarray, mapping: RankMapping, new: ExpertPlace
         ("dst_slot", (rows[:, 2] < 0) | (rows[:, 2] >= spr)),
         ("logical", (rows[:, 3] < 0) | (rows[:, 3] >= new.num_logical)),
         ("source rank", (real & ((src < DISK) | (src >= mapping.old_ep_size))).any(axis=1)),
-        ("source slot", (real & np.where(src == DISK, slot != -1, (slot < 0) | (slot >= spr))).any(axis=1)),
+        ("source slot", (real & np.where(src == DISK, slot != -1, (slot < 0) | (slot >= spr + max_mirror_rows(new))))
+         .any(axis=1)),
         ("sources (a gap before the last)", (pad[:, :-1] & real[:, 1:]).any(axis=1) | pad[:, 0]),
     ]
     for field_name, bad in checks:
@@ -386,7 +414,7 @@ def transfers_from_rows(rows: np.ndarray, mapping: RankMapping, new: ExpertPlace
             if a == PAD:
                 break
             key = (a, b, dst_old)
-            srcs.append(cache.get(key) or cache.setdefault(key, Source(a, b, _route(a, dst_old))))
+            srcs.append(cache.get(key) or cache.setdefault(key, Source(a, b, _route(a, b, spr, dst_old))))
         out.append(Transfer(r[0], r[1], r[2], r[3], tuple(srcs)))
     return tuple(out)
 
@@ -400,6 +428,7 @@ def build_plan(
     epoch: int = 0,
     nodes: Sequence[str] | None = None,
     max_peer_sources: int = 3,
+    mirrors: MirrorAssignment | None = None,
 ) -> TransferPlan:
     """Build the transfer plan from ``old`` (on ``mapping.old_ep_size`` ranks) to ``new``.
 
@@ -409,6 +438,8 @@ def build_plan(
             existing ranks and ``old_ep_size + j`` for joining rank ``j``; ``None`` when
             unknown (then peers are ordered by load alone).
         max_peer_sources: peers listed per transfer before disk.
+        mirrors: the *ready* host-memory mirrors, by old rank (``rank[layer, logical]``,
+            ``row[layer, logical]``); one on a live rank is listed after the peers.
 
     Peers are spread greedily: each transfer's first peer is the candidate (same node
     first) that has been charged the fewest bytes so far.
@@ -427,6 +458,10 @@ def build_plan(
         )
     if expert_bytes <= 0:
         raise PlanError(f"expert_bytes must be positive, got {expert_bytes}")
+    if mirrors is not None and (mirrors.rank.shape != (old.num_layers, old.num_logical)
+                                or mirrors.row.shape != mirrors.rank.shape):
+        raise PlanError(f"mirrors are shaped {list(mirrors.rank.shape)}, the placement "
+                        f"{[old.num_layers, old.num_logical]}")
     if nodes is not None and len(nodes) != mapping.old_ep_size + mapping.num_joining:
         raise PlanError(
             f"nodes lists {len(nodes)} ranks, expected old ranks + joining = "
@@ -448,6 +483,7 @@ def build_plan(
     disk = Source(DISK, -1, "disk")
     transfers: list[Transfer] = []
     missing: list[tuple[int, ...]] = []
+    mirror_src = _mirror_sources(mirrors, set(live), spr)
     for layer in range(old.num_layers):
         old_row, new_row = old.phy2log[layer].tolist(), new.phy2log[layer].tolist()
         # holder[e][rank] = first local slot of logical e on a live old rank
@@ -472,6 +508,9 @@ def build_plan(
             for _, _, r in ranked:
                 key = (r, have[r], "peer")
                 srcs.append(sources.get(key) or sources.setdefault(key, Source(r, have[r], "peer")))
+            m = mirror_src.get((layer, e))
+            if m is not None:
+                srcs.append(m)
             if not srcs:
                 layer_missing.add(e)
             srcs.append(disk)
@@ -480,10 +519,19 @@ def build_plan(
     return TransferPlan(epoch, mapping, old, new, expert_bytes, tuple(transfers), tuple(missing))
 
 
+def _mirror_sources(mirrors: MirrorAssignment | None, live: set[int], spr: int) -> dict[tuple[int, int], Source]:
+    """``(layer, logical) -> Source`` of each ready mirror on a live old rank."""
+    if mirrors is None:
+        return {}
+    lay, log_ = np.nonzero(mirrors.rank >= 0)
+    return {(int(a), int(b)): Source(int(r), spr + int(w), "mirror")
+            for a, b, r, w in zip(lay, log_, mirrors.rank[lay, log_], mirrors.row[lay, log_]) if int(r) in live}
+
+
 def moved_bytes(plan: TransferPlan) -> int:
-    """Bytes that cross a GPU boundary (peer and disk routes); local moves are free."""
+    """Bytes that cross a GPU boundary (peer, mirror and disk routes); local moves are free."""
     b = plan.bytes_by_route()
-    return b["peer"] + b["disk"]
+    return b["peer"] + b["mirror"] + b["disk"]
 
 
 def lower_bound_bytes(old: ExpertPlacement, mapping: RankMapping, expert_bytes: int) -> int:

@@ -60,7 +60,7 @@ import numpy as np
 from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, Held, KeptMeta, call, connect, read_ranges, read_ranges_since
 from controller.records import (
-    AckRecord, CommitRecord, LoadRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id,
+    AckRecord, CommitRecord, LoadRecord, MirrorRecord, PlanRecord, RankRecord, RoutingRecord, SuspectRecord, member_id,
     member_token, parse_epoch, parse_leader,
 )
 from controller.store import EtcdStore
@@ -79,6 +79,7 @@ from elastic_ep.errors import (
     PlanError,
 )
 from elastic_ep.runtime.executor import Participants, PlanExecutor
+from elastic_ep.runtime.mirror_keeper import MirrorKeeper
 from elastic_ep.runtime.plan_peers import PlanPeers
 from elastic_ep.runtime.serving import PlanSwitch, ServingMap
 from elastic_ep.runtime.liveness import LivenessServer, PeerMonitor, monitored_peers
@@ -297,6 +298,9 @@ class RankAgent:
         self._reports: dict[str, str] = {}  # target id -> token, of the reports standing under this lease
         self.suspected: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=256)
         """(target token, kind, detail) of the suspicions reported, oldest first (the last 256)."""
+        self.mirror: MirrorKeeper | None = None
+        """This rank's host-memory mirror (set before the first registration): its rows
+        go into the registration, each commit assigns them, plans pause its fill."""
         self.heartbeat_drop: Callable[[str], bool] | None = None
         """A fault hook: heartbeats from the peers it returns True for are dropped (a
         cut link), set before the first commit."""
@@ -343,7 +347,8 @@ class RankAgent:
         if self.liveness is not None:
             endpoint["liveness"] = self.liveness.address
         return RankRecord(self.cfg.id, socket.gethostname(), self.cfg.device, self.cfg.node,
-                          state.record_state or "", endpoint, os.getpid(), self.incarnation)
+                          state.record_state or "", endpoint, os.getpid(), self.incarnation,
+                          self.mirror.rows if self.mirror is not None else 0)
 
     def _put_record(self, state: AgentState, registering: bool) -> None:
         """Write this incarnation's record in ``state``, fenced on who holds the key.
@@ -433,6 +438,8 @@ class RankAgent:
         if previous[1] is not None:
             self._revoke(previous[1])
         threading.Thread(target=self._keepalive, args=(lease,), name="elastic-ep-rank-lease", daemon=True).start()
+        if self.mirror is not None:
+            self.mirror.republish()  # the report went with the previous lease
 
     def _revoke(self, lease: Any) -> None:
         """Give ``lease`` up (its keys go with it); an unreachable etcd lets it expire."""
@@ -668,8 +675,14 @@ class RankAgent:
         # fast as one outside it (joiners have no committed peers yet).
         self._watch_peers(rec.participants())
         # Serving pauses per layer only (elastic_ep.runtime.serving); nothing is served
-        # before the bootstrap load ends.
-        ack = self._execute(rec)
+        # before the bootstrap load ends. The mirror's fill waits: it never delays a plan.
+        if self.mirror is not None:
+            self.mirror.pause()
+        try:
+            ack = self._execute(rec)
+        finally:
+            if self.mirror is not None:
+                self.mirror.resume()
         call(self.client.put, f"ack {rec.epoch}", f"{self.root}/acks/{self.cfg.id}", ack.to_json())
         if ack.ok:
             self._retry.clear()
@@ -798,6 +811,10 @@ class RankAgent:
                     self._set_serving(ServingMap.of(c.placement, self.rank))
             if self.on_commit is not None:
                 self.on_commit(c.placement, self.rank)
+            if self.mirror is not None:
+                m = c.mirrors
+                self.mirror.assign(m.rows_of(self.rank, self.mirror.rows) if m is not None
+                                   else np.full(self.mirror.rows, -1))
             self._members = list(c.members)
             self._watch_peers(c.members)
             return f"committed as rank {self.rank}"
@@ -906,6 +923,15 @@ class RankAgent:
         call(self.client.put, "report own fault", f"{self.root}/suspects/{self.cfg.id}/{self.cfg.id}",
              rec.to_json(), lease=lease)
 
+    def publish_mirror(self, rows: np.ndarray) -> None:
+        """Publish which expert each mirror row holds ready (``mirrors/<id>``, under the
+        rank's lease); raises when etcd does not take it (the keeper tries again)."""
+        lease = self.lease
+        if lease is None:
+            raise EtcdUnavailableError("no lease to publish the mirror under (not registered)")
+        call(self.client.put, f"mirror {self.cfg.id}", f"{self.root}/mirrors/{self.cfg.id}",
+             MirrorRecord(self.token, rows).to_json(), lease=lease)
+
     def publish_load(self) -> None:
         """Publish this rank's load window (``load/<id>``, under the rank's lease, so it
         goes with the registration), at most every ``load_period_s``."""
@@ -967,6 +993,8 @@ class RankAgent:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.mirror is not None:
+            self.mirror.close()
         if self.monitor is not None:
             self.monitor.close()
         if self.liveness is not None:

@@ -56,7 +56,7 @@ from loaders.transport import PeerSend, PeerSource, PeerTransport, Receive, Rece
 
 from elastic_ep.runtime.barrier import Liveness, StoreBarrier, StoreHeartbeat
 from elastic_ep.errors import ConfigError, PlanError, StaleEpochError, TransportError
-from elastic_ep.core.plan import ROUTES, Source, Transfer, TransferPlan
+from elastic_ep.core.plan import REMOTE, ROUTES, Source, Transfer, TransferPlan
 from elastic_ep.core.rank_mapping import RankMapping
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,29 @@ class PlanExecutor:
             raise ConfigError(
                 f"disk source expert_bytes {disk.layout.expert_bytes} != serving layout {layout.expert_bytes}"
             )
+        self.mirror: torch.Tensor | None = None
         if transport is not None:
             transport.register_weights(self.weights)
+
+    def register_mirror(self, mirror: torch.Tensor) -> None:
+        """This process's host-memory mirror (flat uint8, ``rows * expert_bytes``, a
+        packed expert a row): a plan's ``mirror`` sources on this rank name its rows,
+        read by peers through the transport and copied here when this rank receives."""
+        eb = self.layout.expert_bytes
+        if mirror.dtype != torch.uint8 or mirror.dim() != 1 or mirror.numel() % eb or mirror.device.type != "cpu":
+            raise ConfigError(f"a mirror must be a flat CPU uint8 tensor of whole {eb}-byte rows, got "
+                              f"{mirror.dtype} {tuple(mirror.shape)} on {mirror.device}")
+        self.mirror = mirror
+        if self.transport is not None:
+            self.transport.register_mirror(mirror)
+
+    def mirror_row(self, slot: int) -> torch.Tensor:
+        """The bytes of source slot ``slot`` (``slots_per_rank + row``) of this rank's mirror."""
+        eb, row = self.layout.expert_bytes, slot - self.slots_per_rank
+        if self.mirror is None or not 0 <= row < self.mirror.numel() // eb:
+            held = 0 if self.mirror is None else self.mirror.numel() // eb
+            raise PlanError(f"the plan reads mirror row {row} of this rank, which holds {held} rows")
+        return self.mirror[row * eb : (row + 1) * eb]
 
     # -- checks ------------------------------------------------------------------------
     def _check_plan(self, plan: TransferPlan, old_rank: int | None, new_rank: int | None) -> tuple[int | None, int | None]:
@@ -437,7 +458,7 @@ class _PlanRun:
             timeout = self.ex.options.source_timeout_s * 3
             tp.connect(self.plan.epoch, self.me, self.parts.world, self.store, timeout=timeout)
             tp.register_staging(self.staging)
-        elif self.parts.world > 1 and any(tr.route == "peer" for tr in self.plan.transfers):
+        elif self.parts.world > 1 and any(tr.route in REMOTE for tr in self.plan.transfers):
             raise ConfigError("the plan reads from peers but this executor has no transport")
         self.report.phase_seconds["connect"] = time.perf_counter() - t
 
@@ -501,23 +522,27 @@ class _LayerRun:
         return self.run.staging[self.offset(i) : self.offset(i + 1)]
 
     def copy_local(self) -> None:
-        if "local" not in self.ex.routes:
-            return
-        named = self.ex.weights[self.layer]
+        """Stage the slots whose first source is this process: a GPU slot (``local``)
+        or a row of its own mirror."""
+        named, own = self.ex.weights[self.layer], self.run.report.old_rank
         for i, tr in enumerate(self.recvs):
             src = tr.sources[0]
+            if src.route not in self.ex.routes or not (src.route == "local" or (src.route == "mirror" and src.rank == own)):
+                continue
+            self.attempts[i] = 1
             if src.route == "local":
-                self.attempts[i] = 1
                 self.ex.layout.pack_slot(named, src.slot, out=self.staged(i))
-                self.delivered[i] = 0
+            else:
+                self.staged(i).copy_(self.ex.mirror_row(src.slot))
+            self.delivered[i] = 0
 
     def read_peers(self) -> None:
-        tp = self.ex.transport
-        if tp is None or "peer" not in self.ex.routes:
+        tp, routes = self.ex.transport, self.ex.routes & REMOTE
+        if tp is None or not routes:
             return
-        asks = [i for i, tr in enumerate(self.recvs) if i not in self.delivered and tr.sources[0].route == "peer"]
-        # Per ask, the indices into its sources of its peer sources: the candidates.
-        picks = [[k for k, s in enumerate(self.recvs[i].sources) if s.route == "peer"] for i in asks]
+        asks = [i for i, tr in enumerate(self.recvs) if i not in self.delivered and tr.sources[0].route in routes]
+        # Per ask, the indices into its sources of its peer and mirror sources: the candidates.
+        picks = [[k for k, s in enumerate(self.recvs[i].sources) if s.route in routes] for i in asks]
         receives = [
             Receive(self.offset(i), tuple(self.peer_source(self.recvs[i].sources[k]) for k in ks))
             for i, ks in zip(asks, picks)

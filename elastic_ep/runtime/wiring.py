@@ -30,6 +30,7 @@ from elastic_ep.core.placement import ExpertPlacement
 from elastic_ep.errors import ConfigError
 from elastic_ep.runtime.agent import AgentConfig, RankAgent
 from elastic_ep.runtime.executor import PlanExecutor
+from elastic_ep.runtime.mirror_keeper import MirrorKeeper
 from elastic_ep.runtime.serving import ServingMap
 from elastic_ep.runtime.slots import ExpertReference, check_checkpoint, fill_rank_slots, mismatched_slots
 
@@ -46,6 +47,9 @@ class AgentSettings:
         transport_options: keyword options of the transport, e.g. ``{"interface": "eth0"}``
             (gloo otherwise listens on loopback only).
         checkpoint: the model directory (disk fallback), or None.
+        mirror_bytes: host memory for the mirror (:mod:`elastic_ep.runtime.mirror_keeper`);
+            less than one expert: no mirror.
+        mirror_fill_bytes_s: the most bytes a second the mirror's background fill reads.
 
     Example: ``AgentSettings(AgentConfig(EtcdConfig("etcd-client:2379"), "moe-serving-3"),
     "nixl", checkpoint="/models/DeepSeek-V3")``.
@@ -55,6 +59,8 @@ class AgentSettings:
     transport: str = "torch"
     transport_options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    mirror_bytes: int = 0
+    mirror_fill_bytes_s: float = float(1 << 30)
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,23 @@ def build_agent(
     agent.on_fence = hooks.on_fence
     agent.on_routing = hooks.on_routing
     agent.on_serving = hooks.on_serving
+    agent.mirror = _mirror(settings, experts, executor, agent)
     return agent
+
+
+def _mirror(settings: AgentSettings, experts: RankExperts, executor: PlanExecutor, agent: RankAgent
+            ) -> MirrorKeeper | None:
+    """The rank's host-memory mirror, registered with the executor (and so with the
+    transport), publishing through the agent; None when the budget holds no expert."""
+    rows = settings.mirror_bytes // experts.layout.expert_bytes
+    if rows < 1:
+        return None
+    num_logical = experts.num_experts or check_checkpoint(experts.disk, 1)
+    rows = min(rows, len(experts.weights) * num_logical)  # more rows than experts hold nothing
+    keeper = MirrorKeeper(rows, experts.layout, experts.disk, num_logical, pin=executor.device.type == "cuda",
+                          fill_bytes_s=settings.mirror_fill_bytes_s, publish=agent.publish_mirror)
+    executor.register_mirror(keeper.buffer)
+    return keeper
 
 
 def _filler(experts: RankExperts) -> Callable[[ExpertPlacement, int], int]:

@@ -64,13 +64,15 @@ def check_commit(view: ClusterView, exact_disk: bool = False, epochs_seen: list[
             "" if plan is not None else f"read the view with whole_plan=True; {view.plan_error or 'not read'}")
         add("the committed placement is the plan's", c.placement == p.placement and c.members == p.new_members)
     if plan is not None:
-        add(*_valid("no transfer reads from a dead rank; disk only for experts with no live replica", plan.validate))
+        add(*_valid("no transfer reads from a dead rank; disk only for experts with neither a live replica nor a "
+                    "ready mirror", plan.validate))
         moved = slots_moved_inside_ranks(plan)
         add("an expert that stays on a rank keeps its slot", moved == 0, f"{moved} experts changed slot inside a rank")
         if exact_disk:
             disk = sum(a.bytes.get("disk", 0) for a in view.acks.values())
             missing = sum(len(m) for m in plan.missing)
-            add("bytes read from disk equal the missing experts' bytes", disk == missing * plan.expert_bytes,
+            add("bytes read from disk equal the bytes of the experts with neither a live replica nor a ready mirror",
+                disk == missing * plan.expert_bytes,
                 f"{disk} B from disk, {missing} missing experts x {plan.expert_bytes} B")
     acks = view.acks if p is not None and p.epoch == c.epoch else {}
     unacked = [m for m in c.members if m not in acks or not acks[m].ok]

@@ -215,6 +215,8 @@ class SyntheticRank:
     mid-plan) or ``SIGKILL`` (one that crashes), e.g. ``("peer", 1, "SIGSTOP")``.
     ``cut_links``: rank ids whose liveness heartbeats this rank drops, as a cut link
     would (:attr:`~elastic_ep.runtime.agent.RankAgent.heartbeat_drop`; a fault hook).
+    ``mirror_bytes``: host memory for the mirror (0: none), filled at most
+    ``mirror_fill_bytes_s`` bytes a second.
     """
 
     etcd: EtcdConfig
@@ -232,11 +234,14 @@ class SyntheticRank:
     load_seed: int = 0
     freeze: tuple[str, int, str] | None = None
     cut_links: tuple[str, ...] = ()
+    mirror_bytes: int = 0
+    mirror_fill_bytes_s: float = float(1 << 30)
 
     def settings(self) -> AgentSettings:
         cfg = AgentConfig(self.etcd, self.id, node=self.node, lease_ttl_s=self.lease_ttl_s,
                           endpoint={"transport": self.transport})
-        return AgentSettings(cfg, self.transport, checkpoint=self.ckpt_dir)
+        return AgentSettings(cfg, self.transport, checkpoint=self.ckpt_dir, mirror_bytes=self.mirror_bytes,
+                             mirror_fill_bytes_s=self.mirror_fill_bytes_s)
 
 
 def build_rank_agent(rank: SyntheticRank) -> tuple[RankAgent, list[dict[str, torch.Tensor]]]:
