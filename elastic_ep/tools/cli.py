@@ -108,7 +108,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = {"num_groups": args.groups, "num_nodes": args.nodes} if args.policy == "deepseek" else {}
     new = get_policy(args.policy, **options).rebalance(old, mapping, load)
     t2 = time.perf_counter()
-    plan = build_plan(old, new, mapping, args.expert_bytes, epoch=1)
+    mirrors = _plan_mirrors(args, old, load)
+    plan = build_plan(old, new, mapping, args.expert_bytes, epoch=1, mirrors=mirrors["assignment"] if mirrors else None)
     t3 = time.perf_counter()
     s = plan.summary()
     lb = lower_bound_bytes(old, mapping, args.expert_bytes)
@@ -121,6 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "transfers": s["transfers"], "missing_experts": s["missing_experts"],
         "seconds": {"initial_placement": t1 - t0, "policy": t2 - t1, "plan": t3 - t2},
     }
+    if mirrors:
+        result["mirrors"] = {k: v for k, v in mirrors.items() if k != "assignment"}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -134,13 +137,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'route':<8}{'bytes':>14}")
     for route, b in s["bytes"].items():
         print(f"{route:<8}{_fmt_bytes(b):>14}")
+    if mirrors:
+        m = mirrors
+        print(f"mirrors: {_fmt_bytes(m['budget_bytes'])} of host memory per rank = {m['rows_per_rank']} experts; "
+              f"{m['assigned']} assigned; worst single node loss ({m['worst_node'] or '-'}): {m['worst_experts']} "
+              f"experts ({_fmt_bytes(m['worst_bytes'])}) from disk; no disk read for any node loss from "
+              f"{_fmt_bytes(m['min_budget_bytes'])} per rank")
     ratio = moved_bytes(plan) / lb if lb else float("nan")
     print(f"moved {_fmt_bytes(moved_bytes(plan))} across GPUs = {ratio:.2f} x the lower bound {_fmt_bytes(lb)}")
     busiest = sorted(s["bytes_by_dst_rank"].items(), key=lambda kv: -sum(kv[1].values()))[:4]
     print("busiest destination ranks: " + ", ".join(
-        f"{r}: " + "/".join(_fmt_bytes(v[k]) for k in ("local", "peer", "disk")) for r, v in busiest
-    ) + " (local/peer/disk)")
+        f"{r}: " + "/".join(_fmt_bytes(v[k]) for k in ROUTE_NAMES) for r, v in busiest
+    ) + " (" + "/".join(ROUTE_NAMES) + ")")
     return 0
+
+
+def _plan_mirrors(args: argparse.Namespace, old: Any, load: Any) -> dict[str, Any] | None:
+    """``plan --mirror-budget-gib``: the mirrors that budget buys on the steady-state
+    placement (ranks ``r`` on node ``r * nodes // ranks``), every one taken as ready."""
+    from elastic_ep.core.mirrors import assign_mirrors, min_mirror_rows, worst_domain_loss
+
+    if args.mirror_budget_gib <= 0:
+        return None
+    R, eb = args.ranks, args.expert_bytes
+    node_of = [f"node-{r * args.nodes // R}" for r in range(R)]
+    rows = min(int(args.mirror_budget_gib * GiB) // eb, args.layers * args.experts)
+    assignment = assign_mirrors(old, node_of, [rows] * R, load)
+    loss = worst_domain_loss(old, node_of, assignment)
+    least = min_mirror_rows(old, node_of)
+    return {"assignment": assignment, "budget_bytes": int(args.mirror_budget_gib * GiB), "rows_per_rank": rows,
+            "assigned": assignment.count(), "worst_node": loss.label, "worst_experts": loss.experts,
+            "worst_bytes": loss.experts * eb, "min_budget_bytes": least * eb}
 
 
 def _rank_list_problems(flag: str, ranks: list[int], num_ranks: int) -> list[str]:
@@ -362,25 +389,32 @@ def cmd_agent(args: argparse.Namespace) -> int:
         ckpt = args.ckpt
     rank = SyntheticRank(etcd_config(args), args.id, ckpt, spec, args.slots, args.transport, args.lease_ttl,
                          node=args.node, routes=tuple(args.routes), check=not args.no_check, load_seed=args.seed,
-                         cut_links=tuple(args.drop_heartbeats_from))
+                         cut_links=tuple(args.drop_heartbeats_from), mirror_bytes=int(args.mirror_budget_gib * GiB),
+                         mirror_fill_bytes_s=args.mirror_fill_mbps * 1e6)
     run_agent(rank, stop=_stop_on_signals())
     return 0
 
 
 def status(cfg: EtcdConfig) -> dict[str, Any]:
     """The deployment as one JSON-able object: ranks, epochs, leader, last commit."""
+    from controller.coverage import mirror_coverage
     from controller.etcd_client import connect
     from controller.view import read_view
 
     v = read_view(connect(cfg), cfg.root)
     c = v.committed
+    cov = mirror_coverage(v)
+    mirror = {m.id: m for m in cov.ranks}
     ranks = [{"id": r.id, "state": r.state, "rank": v.rank_of(r.id), "host": r.host, "node": r.node,
-              "device": r.device, "pid": r.pid} for r in sorted(v.ranks.values(), key=lambda r: r.id)]
+              "device": r.device, "pid": r.pid, "mirror_rows": r.mirror_rows,
+              "mirror_ready": mirror[r.id].ready if r.id in mirror else 0}
+             for r in sorted(v.ranks.values(), key=lambda r: r.id)]
+    eb = c.expert_bytes if c is not None else 0
     return {
         "leader": v.leader, "epoch": v.epoch, "committed_epoch": c.epoch if c else None,
         "in_flight": v.in_flight,
         "last_rebalance": {"phases": c.phases, "bytes": c.bytes} if c else None,
-        "ranks": ranks, "malformed": v.malformed,
+        "ranks": ranks, "expert_bytes": eb, "mirrors": cov.to_dict(eb), "malformed": v.malformed,
     }
 
 
@@ -391,10 +425,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"leader {s['leader']}  epoch {s['epoch']}  committed {s['committed_epoch']}"
           + ("  (plan in flight)" if s["in_flight"] else ""))
-    print(f"{'id':<16} {'state':<9} {'rank':>4}  {'node':<10} {'device':<8} host")
+    eb = s["expert_bytes"]
+    print(f"{'id':<16} {'state':<9} {'rank':>4}  {'node':<10} {'device':<8} {'mirror (ready/rows, bytes)':<28} host")
     for r in s["ranks"]:
         rank = "-" if r["rank"] is None else str(r["rank"])
-        print(f"{r['id']:<16} {r['state']:<9} {rank:>4}  {r['node']:<10} {r['device']:<8} {r['host']}")
+        mirror = f"{r['mirror_ready']}/{r['mirror_rows']}, {_fmt_bytes(r['mirror_rows'] * eb)}" if r["mirror_rows"] else "-"
+        print(f"{r['id']:<16} {r['state']:<9} {rank:>4}  {r['node']:<10} {r['device']:<8} {mirror:<28} {r['host']}")
+    w = s["mirrors"]["worst_loss"]
+    if s["committed_epoch"] is not None:
+        print(f"worst single {w['kind']} loss: {w['label'] or '-'}, {w['experts']} experts ({_fmt_bytes(w['bytes'])}) "
+              f"with neither a GPU replica nor a ready mirror elsewhere would come from disk"
+              + (f"; {s['mirrors']['pending']} mirror rows still filling" if s["mirrors"]["pending"] else ""))
     if s["last_rebalance"]:
         ph = ", ".join(f"{k} {v:.3f} s" for k, v in s["last_rebalance"]["phases"].items())
         print(f"last rebalance: {ph}; bytes {s['last_rebalance']['bytes']}")
@@ -463,8 +504,9 @@ def add_control_commands(sub: Any) -> None:
     a.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
     a.add_argument("--lease-ttl", type=POSITIVE, default=3, help="seconds of the rank's lease (etcd: whole seconds)")
     a.add_argument("--node", default="")
-    a.add_argument("--routes", nargs="+", default=["local", "peer", "disk"], choices=["local", "peer", "disk"],
+    a.add_argument("--routes", nargs="+", default=list(ROUTE_NAMES), choices=ROUTE_NAMES,
                    help="routes the rank may use; 'disk' alone reloads every changed expert from disk (baseline)")
+    add_mirror_args(a)
     a.add_argument("--no-check", action="store_true",
                    help="skip the bit-exact checks and the request stream (for timing runs)")
     a.add_argument("--drop-heartbeats-from", nargs="+", default=[], metavar="ID", help=argparse.SUPPRESS)
@@ -475,6 +517,19 @@ def add_control_commands(sub: Any) -> None:
     add_etcd_args(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+
+ROUTE_NAMES = ("local", "peer", "mirror", "disk")
+"""elastic_ep.core.plan.ROUTES, spelled out so that --help works without importing numpy."""
+GiB = 1 << 30
+
+
+def add_mirror_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mirror-budget-gib", type=float_in(0), default=0.0,
+                   help="host memory per rank for mirrors of experts other nodes serve (0: none); the controller "
+                        "assigns them so that a node's loss reads nothing from disk when the budget allows")
+    p.add_argument("--mirror-fill-mbps", type=float_in(0, above=True), default=1000.0,
+                   help="the most MB/s a rank's background mirror fill reads")
 
 
 def add_demo_command(sub: Any) -> None:
@@ -490,6 +545,11 @@ def add_demo_command(sub: Any) -> None:
     d.add_argument("--transport", default="torch", choices=["torch", "nixl", "mooncake"])
     d.add_argument("--policy", default="min_migration", choices=["min_migration", "deepseek"])
     d.add_argument("--fail", type=COUNT, default=1, help="ranks to SIGKILL")
+    d.add_argument("--fail-node", action="store_true",
+                   help="SIGKILL every rank of one node instead (needs --ranks-per-node)")
+    d.add_argument("--ranks-per-node", type=COUNT, default=0,
+                   help="ranks per node label node-<rank // n> (0: no labels, each rank its own fault domain)")
+    add_mirror_args(d)
     d.add_argument("--spread", action="store_true", help="kill one at a time (default: simultaneously)")
     d.add_argument("--leave", action="store_true", help="first drain one rank gracefully")
     d.add_argument("--join", type=COUNT, default=0, help="finally add this many ranks")
@@ -556,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--zipf", type=float_in(0), default=0.6, help="load skew exponent")
     plan.add_argument("--expert-bytes", type=POSITIVE, default=DSV3_EXPERT_BYTES)
     plan.add_argument("--seed", type=SEED, default=0)
+    plan.add_argument("--mirror-budget-gib", type=float_in(0), default=0.0,
+                      help="host memory per rank for mirrors: show what it covers (0: no mirrors)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 

@@ -45,6 +45,11 @@ class Change:
     pauses: dict[str, float] = field(default_factory=dict)  # serving pauses of the plan, from its acks
 
 
+def node_of(rank_id: str, ranks_per_node: int) -> str:
+    """The demo's node label of ``rank-<i>``: ``node-<i // ranks_per_node>`` ("" without nodes)."""
+    return f"node-{int(rank_id.rsplit('-', 1)[1]) // ranks_per_node}" if ranks_per_node else ""
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace, out: Any = sys.stdout, model: Any = None) -> None:
         self.args = args
@@ -54,6 +59,7 @@ class Demo:
         self.checks: list[Check] = []
         self.changes: list[Change] = []
         self.model = model
+        self.coverage: Any = None  # the mirrors' coverage before the first change
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -107,6 +113,8 @@ class Demo:
                 self.say(f"started {a.ranks} ranks ({a.transport} transport), {a.slots} slots each; waiting for the placement")
                 c = self._wait(lambda: self._view().committed, 180, "the first placement")
                 self.say(f"epoch {c.epoch} committed: {len(c.members)} ranks serving")
+                if a.mirror_budget_gib > 0:
+                    self._wait_mirrors(c)
                 self._serving_pause(2.0)
                 self._changes(c, rng, ckpt, work)
                 self._serving_pause(1.5)
@@ -124,7 +132,8 @@ class Demo:
         log = open(os.path.join(work, f"{rid}.log"), "wb")
         cmd = [sys.executable, "-m", "elastic_ep.tools.cli", "agent", "--etcd", self.cfg.endpoint, "--deployment", "demo",
                "--id", rid, "--seed", str(a.seed), "--slots", str(a.slots), "--transport", a.transport,
-               "--lease-ttl", str(a.lease_ttl)]
+               "--lease-ttl", str(a.lease_ttl), "--node", node_of(rid, a.ranks_per_node),
+               "--mirror-budget-gib", repr(a.mirror_budget_gib), "--mirror-fill-mbps", repr(a.mirror_fill_mbps)]
         if self.model is not None:
             cmd += ["--model", ckpt] + [f"--template={t}" for t in a.template or []]
         else:
@@ -150,6 +159,20 @@ class Demo:
         bad = sum(s.get("bad", 0) for s in served)
         self.say(f"requests so far: {ok} expert hits checked, {bad} wrong")
 
+    def _wait_mirrors(self, c: Any) -> None:
+        """Wait until every rank filled the mirrors the commit assigned it, then say
+        what they cover: the single node (or rank) whose loss would read the most."""
+        from controller.coverage import mirror_coverage
+
+        cov = self._wait(lambda: (lambda x: x if x.pending == 0 else None)(mirror_coverage(self._view())), 120,
+                         "the ranks' mirrors to fill")
+        per_rank = max((r.rows for r in cov.ranks), default=0) * self.spec.expert_bytes
+        self.say(f"mirrors ready: {cov.ready} experts in host memory ({per_rank / 2**20:.2f} MiB budget per rank "
+                 f"at most); worst single {cov.domain_kind} loss ({cov.worst_label or '-'}): "
+                 f"{cov.worst_experts} experts ({cov.worst_experts * self.spec.expert_bytes / 2**20:.2f} MiB) "
+                 "would come from disk")
+        self.coverage = cov
+
     # -- the membership changes ------------------------------------------------------------
     def _changes(self, c: Any, rng: np.random.Generator, ckpt: str, work: str) -> None:
         a = self.args
@@ -157,7 +180,11 @@ class Demo:
         steps: list[tuple[str, list[str]]] = []
         if a.leave:
             steps.append(("leave", [members[-1]]))
-        if a.fail:
+        if a.fail_node:
+            nodes = sorted({node_of(m, a.ranks_per_node) for m in members})
+            lost = nodes[int(rng.integers(len(nodes)))]
+            steps.append(("kill", [m for m in members if node_of(m, a.ranks_per_node) == lost]))
+        elif a.fail:
             pool = [m for m in members if all(m not in r for _, r in steps)]
             victims = [pool[i] for i in rng.choice(len(pool), size=min(a.fail, len(pool) - 1), replace=False)]
             if a.spread:
@@ -202,8 +229,10 @@ class Demo:
             if p is not None and p.epoch > before.epoch and p.plan is not None:
                 ch.epoch = p.epoch
                 s = p.plan.summary()
+                mirrored = sum(1 for t in p.plan.transfers if t.route == "mirror")
                 mark("plan", f"plan epoch {p.epoch} published: {s['new_ep_size']} ranks, "
-                     f"{len(p.plan.transfers)} slot transfers, {s['missing_experts']} experts with no live replica")
+                     f"{len(p.plan.transfers)} slot transfers ({mirrored} from host-memory mirrors), "
+                     f"{s['missing_experts']} experts from disk")
                 acks = {t: a for t, a in v.acks.items() if a.epoch == p.epoch and a.succeeded}
                 if acks:
                     mark("first_ack", f"first rank finished its transfers ({member_id(next(iter(acks)))})")
@@ -244,6 +273,7 @@ class Demo:
         self.checks.append(Check("requests saw only correct expert bytes", bad_req == 0, f"{ok_req} ok, {bad_req} wrong"))
         disk_experts = {str(layer): list(m) for layer, m in enumerate(p.plan.missing) if m} if p and p.plan else {}
         last = self.changes[-1] if self.changes else None
+        self._check_prediction(last, sum(len(m) for m in disk_experts.values()))
         phases = {}
         if c is not None:
             phases = {k: round(float(v), 4) for k, v in c.phases.items()}
@@ -264,6 +294,7 @@ class Demo:
                          "marks": {k: round(v, 4) for k, v in x.marks.items()}} for x in self.changes],
             "requests": {"ok": ok_req, "bad": bad_req, "rerouted": rerouted, "unavailable": unavailable},
             "serving_pauses": last.pauses if last is not None else {},
+            "mirrors": self.coverage.to_dict(self.spec.expert_bytes) if self.coverage is not None else None,
             "checks": [{"name": x.name, "ok": x.ok, "detail": x.detail} for x in self.checks],
             "seed": self.args.seed,
             "model": self.model.to_dict() if self.model is not None else None,
@@ -271,6 +302,20 @@ class Demo:
         if not self.quiet:
             self._table(result, p)
         return result
+
+    def _check_prediction(self, last: Change | None, disk_experts: int) -> None:
+        """With mirrors, a kill of one fault domain (a node, or one unlabeled rank) reads
+        from disk exactly the experts the coverage report predicted for it."""
+        cov = self.coverage
+        if cov is None or last is None or last.kind != "kill":
+            return
+        domains = {node_of(r, self.args.ranks_per_node) or r for r in last.ranks}
+        if len(domains) != 1:
+            return
+        label = domains.pop()
+        want = cov.per_domain.get(label, 0)
+        self.checks.append(Check(f"the experts read from disk are the {want} the coverage report predicted for the "
+                                 f"loss of {label}", disk_experts == want, f"{disk_experts} read from disk"))
 
     def _table(self, r: dict[str, Any], p: Any) -> None:
         say = self.say
@@ -296,7 +341,7 @@ class Demo:
             for layer, es in r["disk_experts"].items():
                 say(f"  layer {layer}: {es}")
         else:
-            say("experts read from disk: none (every expert had a live replica)")
+            say("experts read from disk: none (every expert had a live replica or a ready mirror)")
         say("invariants")
         for x in r["checks"]:
             say(f"  [{'ok' if x['ok'] else 'FAIL'}] {x['name']}" + (f"  ({x['detail']})" if x["detail"] else ""))
@@ -316,10 +361,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if left < 1:
         raise ConfigError(f"--ranks {args.ranks} minus --fail {args.fail}{' and --leave' if args.leave else ''} "
                           "leaves no rank: add ranks")
+    if args.fail_node:
+        if not args.ranks_per_node or args.ranks % args.ranks_per_node:
+            raise ConfigError(f"--fail-node kills one node's ranks: give --ranks-per-node, a divisor of --ranks "
+                              f"{args.ranks}")
+        left = args.ranks - args.ranks_per_node - int(args.leave)
     if args.slots is None:
         # The fewest slots that still hold every expert once the ranks are gone.
         args.slots = -(-experts // left) if model is not None else 6
-    if left * args.slots < experts:
+    if left < 1 or left * args.slots < experts:
         raise ConfigError(
             f"--ranks {args.ranks} minus --fail {args.fail}{' and --leave' if args.leave else ''} leaves {left} "
             f"ranks x {args.slots} slots, too few for {experts} experts: add ranks or --slots"
