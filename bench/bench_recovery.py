@@ -45,7 +45,7 @@ def run(mode: str, spec: SyntheticSpec, args: argparse.Namespace, workdir: str) 
     extra = {"full_disk": ("--no-check", "--routes", "disk"), "p2p_first": ("--no-check",),
              "mirror": ("--no-check", "--mirror-budget-gib", str(args.mirror_budget_gib))}[mode]
     with ChaosCluster(workdir, seed=args.seed, ranks=args.ranks, slots=args.slots, spec=spec, controllers=1,
-                      agent_args=("--transport", args.transport, *extra), log=lambda s: None) as c:
+                      mirror_rows=0, agent_args=("--transport", args.transport, *extra), log=lambda s: None) as c:
         cov = None
         if mode == "mirror":
             cov = wait_until(lambda: (x := mirror_coverage(c.read())).pending == 0 and x.ready and x, 300.0,

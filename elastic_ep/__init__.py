@@ -11,6 +11,7 @@ name                        what it is
 ``rebalance_experts``       DeepSeek's EPLB, vectorised
 ``RebalancePolicy``         the policy interface; ``get_policy(name)``
 ``TransferPlan``            per changed slot, its sources in order; ``build_plan``
+``MirrorAssignment``        which rank mirrors which expert; ``assign_mirrors``
 ``ExpertLayout``            one expert's serving tensors, packed and unpacked
 ``PeerTransport``           the transport interface; ``get_transport(name)``
 ``SafetensorsExpertSource`` the disk fallback; ``open_model(dir)``
@@ -39,6 +40,8 @@ _WHERE = {
     "get_policy": "elastic_ep.core.policy",
     "TransferPlan": "elastic_ep.core.plan",
     "build_plan": "elastic_ep.core.plan",
+    "MirrorAssignment": "elastic_ep.core.mirrors",
+    "assign_mirrors": "elastic_ep.core.mirrors",
     "ExpertLayout": "loaders.layout",
     "PeerTransport": "loaders.transport",
     "get_transport": "loaders.transport",

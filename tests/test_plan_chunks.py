@@ -13,7 +13,8 @@ import pytest
 
 from controller import plan_chunks
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import MAX_BYTES, PlanRecord
+from controller.records import MAX_BYTES, CommitRecord, PlanRecord
+from elastic_ep.core.mirrors import assign_mirrors, min_mirror_rows
 from elastic_ep.core.packed import pack, unpack
 from elastic_ep.core.placement import initial_placement
 from elastic_ep.core.plan import build_plan
@@ -22,6 +23,7 @@ from elastic_ep.core.rank_mapping import RankMapping
 from elastic_ep.errors import MalformedValueError, PlacementError, PlanError
 
 DSV3 = (58, 256, 88_080_384)
+KIMI_K2 = (60, 384, 44_040_192)
 
 
 def _members(n: int, inc: str = "a") -> list[str]:
@@ -29,7 +31,11 @@ def _members(n: int, inc: str = "a") -> list[str]:
 
 
 def _record(layers: int, experts: int, ranks: int, slots: int, seed: int, policy: str = "deepseek",
-            dead: tuple[int, ...] = (1,), joining: int = 0, expert_bytes: int = 1024) -> PlanRecord:
+            dead: tuple[int, ...] = (1,), joining: int = 0, expert_bytes: int = 1024, mirrors: bool = False
+            ) -> PlanRecord:
+    """A plan record; ``mirrors``: ranks in nodes of 8, each with the fewest mirror rows
+    that cover any node's loss, every mirror of the old placement ready (the largest
+    head and chunks: every expert assigned a mirror, every missing one read from one)."""
     rng = np.random.default_rng(seed)
     print(f"seed {seed}")
     load = rng.gamma(0.5, 1.0, (layers, experts)) + 1e-3
@@ -37,11 +43,18 @@ def _record(layers: int, experts: int, ranks: int, slots: int, seed: int, policy
                                            RankMapping.build(ranks), load)
     mapping = RankMapping.build(ranks, dead=list(dead), num_joining=joining)
     new = get_policy(policy).rebalance(old, mapping, load)
-    plan = build_plan(old, new, mapping, expert_bytes, epoch=2)
+    ready = assigned = None
+    if mirrors:
+        nodes = [f"n{r // 8}" for r in range(ranks)]
+        ready = assign_mirrors(old, nodes, [min_mirror_rows(old, nodes)] * ranks, load)
+        new_nodes = [nodes[o] for o in mapping.new_to_old()[: mapping.num_surviving]] + ["nj"] * joining
+        assigned = assign_mirrors(new, new_nodes, [min_mirror_rows(new, new_nodes)] * new.ep_size, load,
+                                  ready.renumbered(mapping.old_to_new))
+    plan = build_plan(old, new, mapping, expert_bytes, epoch=2, mirrors=ready)
     members = _members(ranks)
     new_members = [members[o] for o in mapping.new_to_old()[: mapping.num_surviving]]
     new_members += [f"join-{j}#b" for j in range(joining)]
-    return PlanRecord(2, "ctl-a", members, new_members, plan, new, "test")
+    return PlanRecord(2, "ctl-a", members, new_members, plan, new, "test", mirrors=assigned)
 
 
 def _one_record_bytes(rec: PlanRecord) -> int:
@@ -82,20 +95,27 @@ def test_a_bad_packed_array_is_refused_by_name(defect: str) -> None:
 
 
 # -- sizes at production scale -------------------------------------------------------------
-@pytest.mark.parametrize(("ranks", "slots", "policy"), [(64, 9, "deepseek"), (256, 9, "min_migration"),
-                                                         (320, 1, "deepseek")])
-def test_deepseek_v3_plans_fit_etcd_as_head_and_chunks(ranks: int, slots: int, policy: str) -> None:
-    layers, experts, eb = DSV3
-    rec = _record(layers, experts, ranks, slots, seed=ranks, policy=policy, expert_bytes=eb)
+@pytest.mark.parametrize(("model", "ranks", "slots", "policy"), [
+    ("dsv3", 64, 9, "deepseek"), ("dsv3", 256, 9, "min_migration"), ("dsv3", 320, 1, "deepseek"),
+    ("kimi", 256, 2, "min_migration")])
+def test_production_plans_with_mirrors_fit_etcd_as_head_and_chunks(model: str, ranks: int, slots: int,
+                                                                   policy: str) -> None:
+    layers, experts, eb = DSV3 if model == "dsv3" else KIMI_K2
+    rec = _record(layers, experts, ranks, slots, seed=ranks, policy=policy, expert_bytes=eb, mirrors=True)
     values = plan_chunks.encode(rec)
     head = plan_chunks.head(rec, values, "00" * 8)
     head_bytes = len(head.to_json())
     largest = max(len(v) for v in values.values())
-    print(f"{ranks}x{slots} {policy}: {len(rec.plan.transfers)} transfers, one JSON record "
-          f"{len(rec.plan.to_json()) / 1024:.0f} KiB; head {head_bytes / 1024:.0f} KiB, {len(values)} chunks, "
-          f"largest {largest / 1024:.0f} KiB")
+    assert rec.mirrors is not None
+    mirrored = sum(1 for t in rec.plan.transfers if t.route == "mirror")
+    print(f"{model} {ranks}x{slots} {policy}: {len(rec.plan.transfers)} transfers ({mirrored} from mirrors), "
+          f"{rec.mirrors.count()} mirrors assigned; one JSON record {len(rec.plan.to_json()) / 1024:.0f} KiB; "
+          f"head {head_bytes / 1024:.0f} KiB, {len(values)} chunks, largest {largest / 1024:.0f} KiB")
     assert head_bytes <= 512 * 1024 and largest <= 512 * 1024
-    assert PlanRecord.parse("/ep/plan", head.to_json()) is not None
+    parsed = PlanRecord.parse("/ep/plan", head.to_json())
+    assert parsed.mirrors == rec.mirrors
+    commit = CommitRecord(2, rec.new_members, rec.placement, {}, {}, rec.mirrors, eb).to_json()
+    assert len(commit) <= 512 * 1024, f"commit record {len(commit)} B"
 
 
 def test_a_plan_too_large_for_one_record_splits_into_parts_that_give_it_back() -> None:

@@ -11,7 +11,9 @@ less than the stall tolerance and resumed is not removed; one stopped longer is 
 while stopped and, resumed, serves nothing until it is a member again under a new
 incarnation; one rank whose link to a healthy peer is cut (its heartbeats dropped) does
 not evict it; a whole node gone silent, every watcher of one of its ranks with it, still
-loses that rank to its lease.
+loses that rank to its lease. Every rank keeps a host-memory mirror (``mirror_rows``):
+a whole labeled node SIGKILLed once the mirrors are filled reads from disk exactly the
+experts the coverage report predicted for it.
 
 A step either does what its name says or says why not: every kill is checked (the
 process is gone, killed by SIGKILL), and a step that did less because the ranks left
@@ -36,6 +38,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from controller.coverage import mirror_coverage
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import AckRecord, LoadRecord, PlanRecord, RankRecord, SuspectRecord, member_id
 from controller.view import ClusterView, read_view
@@ -52,7 +55,7 @@ __all__ = ["FAULTS", "ChaosCluster", "HostileKey", "InvariantError", "StepResult
 
 FAULTS = ("kill_one", "kill_two", "kill_holders", "kill_in_transfer", "kill_leader", "restart_etcd",
           "join_after_failure", "double_failure", "hostile_values", "stall_short", "stall_long", "cut_link",
-          "node_loss")
+          "node_loss", "mirrored_node_loss")
 
 STALL_TOLERANCE_S = AgentConfig.stall_tolerance_s
 """How long a watched peer may be silent before its watchers report it (``elastic-ep
@@ -117,6 +120,8 @@ class Injected:
     started: float | None = None
     """``time.monotonic()`` when the fault struck, if not when the step began (hostile
     writes take seconds before the kill that recovery is timed from)."""
+    predicted_disk: int | None = None
+    """The experts the mirrors' coverage report predicted the recovery reads from disk."""
 
 
 @dataclass
@@ -144,6 +149,8 @@ class ChaosCluster:
     recover_timeout_s: float = 90.0
     log: Callable[[str], None] = print
     agent_args: tuple[str, ...] = ()
+    mirror_rows: int = 16
+    """Experts each rank's host-memory mirror holds (0: none)."""
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -217,10 +224,12 @@ class ChaosCluster:
         """Start a rank agent; ``extra``: more flags (a later ``--lease-ttl`` wins)."""
         s, rid = self.spec, f"r{self.next_rank}"
         self.next_rank += 1
+        # Half a row more than the rows, so that the GiB figure rounds to whole rows.
+        budget = (self.mirror_rows + 0.5) * s.expert_bytes / (1 << 30) if self.mirror_rows else 0.0
         self._spawn(rid, ["agent", "--id", rid, "--ckpt", self.ckpt, "--layers", str(s.layers), "--experts",
                           str(s.experts), "--hidden", str(s.hidden), "--intermediate", str(s.intermediate),
                           "--seed", str(s.seed), "--slots", str(self.slots), "--lease-ttl", str(self.lease_ttl),
-                          *self.agent_args, *extra])
+                          "--mirror-budget-gib", repr(budget), *self.agent_args, *extra])
         return rid
 
     def kill(self, name: str) -> None:
@@ -348,10 +357,13 @@ class ChaosCluster:
         return Injected(victims, f"killed {victims}")
 
     def _kill_holders(self, c0: Any, members: list[str]) -> Injected:
-        # Every holder of the expert with the fewest replicas: it must come from disk.
+        # Every holder of the expert with the fewest replicas, its mirror's rank with
+        # them: it must come from disk.
         cnt = c0.placement.logcnt[0]
         e = int(np.argmin(cnt))
-        holders = sorted({members[int(c0.placement.log2phy[0, e, k]) // self.slots] for k in range(cnt[e])})
+        holders = sorted({members[int(c0.placement.log2phy[0, e, k]) // self.slots] for k in range(cnt[e])}
+                         | ({members[int(c0.mirrors.rank[0, e])]} if c0.mirrors is not None
+                            and c0.mirrors.rank[0, e] >= 0 else set()))
         victims = holders if self._capacity_left(len(holders)) else holders[:1]
         for v in victims:
             self.kill(v)
@@ -679,6 +691,32 @@ class ChaosCluster:
                                           f"once; nobody reported it; its lease removed it {gone:.2f} s later; the "
                                           f"node's ranks killed after the recovery", started=struck)
 
+    def _mirrored_node_loss(self, c0: Any, members: list[str]) -> Injected:
+        """:data:`NODE_RANKS` ranks join with a new node label; once every mirror the
+        commit assigns is filled, the whole node is SIGKILLed. The recovery must read
+        from disk the experts the coverage report predicted for that node, no more, no
+        fewer (none when the mirrors cover it): checked by :meth:`_check_prediction`."""
+        node = f"mnode-{self.nodes_lost}"
+        self.nodes_lost += 1
+        ranks = [self.add_rank("--node", node) for _ in range(NODE_RANKS)]
+        self._wait(self._stable, self.recover_timeout_s, f"node {node} ({ranks}) to join")
+        cov = self._wait(lambda: (x := mirror_coverage(self.read())).pending == 0 and x, self.recover_timeout_s,
+                         "every mirror filled")
+        self._seen, self._base_epoch = {}, self.read().committed.epoch  # the join read nothing of the node's
+        struck = time.monotonic()
+        for name in ranks:
+            self.kill(name)
+        inj = Injected(ranks, f"node {node} ({ranks}) SIGKILLed with {cov.ready} mirror rows ready; the coverage "
+                              f"report predicted {cov.per_domain.get(node, 0)} experts from disk", started=struck)
+        inj.predicted_disk = cov.per_domain.get(node, 0)
+        return inj
+
+    def _check_prediction(self, inj: Injected, res: StepResult) -> None:
+        """The node's loss read from disk the experts the coverage report predicted."""
+        if res.disk_experts != inj.predicted_disk:
+            raise InvariantError(f"{res.detail}: the plans read {res.disk_experts} experts from disk, the coverage "
+                                 f"report predicted {inj.predicted_disk} (seed {self.seed})")
+
     def _registered(self, rid: str) -> bool:
         raw, _ = self._client().get(f"{self.cfg.root}/ranks/{rid}")
         return raw is not None
@@ -716,10 +754,10 @@ class ChaosCluster:
         "kill_in_transfer": _kill_in_transfer, "kill_leader": _kill_leader, "restart_etcd": _restart_etcd,
         "join_after_failure": _join_after_failure, "double_failure": _double_failure,
         "hostile_values": _hostile_values, "stall_short": _stall_short, "stall_long": _stall_long,
-        "cut_link": _cut_link, "node_loss": _node_loss,
+        "cut_link": _cut_link, "node_loss": _node_loss, "mirrored_node_loss": _mirrored_node_loss,
     }
 
-    _KILLS: ClassVar[dict[str, int]] = {"kill_two": 2, "kill_in_transfer": 2, "double_failure": 2, "kill_holders": 2}
+    _KILLS: ClassVar[dict[str, int]] = {"kill_two": 2, "kill_in_transfer": 2, "double_failure": 2, "kill_holders": 3}
     """Ranks a fault kills (at least; one when not listed), to make room for first."""
 
     def _make_room(self, kills: int) -> list[str]:
@@ -757,6 +795,8 @@ class ChaosCluster:
         self.check(s, res)
         if fault == "kill_holders" and not inj.downgraded:
             self._check_disk_reads(inj, res)
+        if inj.predicted_disk is not None:
+            self._check_prediction(inj, res)
         self.results.append(res)
         note = f" [{res.downgraded}]" if res.downgraded else ""
         self.log(f"[seed {self.seed}] {fault}: {res.detail}{note}; stable at epoch {res.epoch} after "

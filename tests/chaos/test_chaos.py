@@ -30,11 +30,12 @@ SCHEDULES = {
     "overlapping": ["double_failure", "kill_two"],
     "hostile": ["hostile_values", "kill_one"],
     "suspicion": ["stall_short", "cut_link", "stall_long", "node_loss"],
+    "mirrors": ["mirrored_node_loss", "kill_holders"],
 }
 
 KILLS = {"kill_one": 1, "kill_two": 2, "kill_holders": 1, "kill_in_transfer": 2, "kill_leader": 1,
          "restart_etcd": 0, "join_after_failure": 1, "double_failure": 2, "hostile_values": 1, "stall_short": 0,
-         "stall_long": 0, "cut_link": 1, "node_loss": 3}
+         "stall_long": 0, "cut_link": 1, "node_loss": 3, "mirrored_node_loss": 3}
 """Processes each fault kills at least (when not downgraded, one kill less at most): the
 cut link's reporter once it has been shown harmless, the lost node's ranks once it has
 been recovered from."""
