@@ -50,10 +50,11 @@ def test_controller_argv_from_env_parses_with_the_cli_and_flags_win():
 
 
 def test_agent_argv_from_env():
-    env = {**ENV, "ELASTIC_EP_TRANSPORT": "nixl", "ELASTIC_EP_CHECKPOINT": "/models/ckpt", "ELASTIC_EP_NODE": "n1"}
+    env = {**ENV, "ELASTIC_EP_TRANSPORT": "nixl", "ELASTIC_EP_CHECKPOINT": "/models/ckpt", "ELASTIC_EP_NODE": "n1",
+           "ELASTIC_EP_MIRROR_BUDGET_GIB": "48"}
     args = build_parser().parse_args(entrypoint.command_argv(["agent", "--slots", "4"], env))
-    assert (args.command, args.id, args.transport, args.ckpt, args.node, args.slots) == (
-        "agent", "moe-serving-3", "nixl", "/models/ckpt", "n1", 4)
+    assert (args.command, args.id, args.transport, args.ckpt, args.node, args.slots, args.mirror_budget_gib) == (
+        "agent", "moe-serving-3", "nixl", "/models/ckpt", "n1", 4, 48.0)
 
 
 @pytest.mark.parametrize("env, match", [
@@ -85,9 +86,14 @@ def test_agent_settings_from_env(tmp_path):
     assert (s.config.id, s.config.node, s.config.lease_ttl_s, s.config.endpoint) == (
         "moe-serving-3", "gpu-7", 5, {"transport": "mooncake"})
     assert (s.transport, s.transport_options, s.checkpoint) == ("mooncake", {"interface": "eth0"}, "/models/m")
+    assert s.mirror_bytes == 0
+    assert entrypoint.agent_settings_from_env({**env, "ELASTIC_EP_MIRROR_BUDGET_GIB": "1.5"}).mirror_bytes == 3 << 29
     for bad in ("{not json", "[1]"):
         with pytest.raises(ConfigError, match="ELASTIC_EP_TRANSPORT_OPTIONS"):
             entrypoint.agent_settings_from_env({**env, "ELASTIC_EP_TRANSPORT_OPTIONS": bad})
+    for bad in ("-1", "nan", "lots", "1e30"):
+        with pytest.raises(ConfigError, match="ELASTIC_EP_MIRROR_BUDGET_GIB"):
+            entrypoint.agent_settings_from_env({**env, "ELASTIC_EP_MIRROR_BUDGET_GIB": bad})
 
 
 def test_rank_passwords_from_a_mounted_secret_layout(tmp_path):

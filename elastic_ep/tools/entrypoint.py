@@ -31,6 +31,8 @@ ELASTIC_EP_CHECKPOINT            ``--ckpt`` (agent); the model    ``/models/ckpt
                                  directory of embedded agents
 ELASTIC_EP_MODEL                 ``--model`` (controller, agent): ``/models/DeepSeek-V3``
                                  a Hugging Face model directory
+ELASTIC_EP_MIRROR_BUDGET_GIB     ``--mirror-budget-gib`` (agent): ``48``
+                                 host memory for expert mirrors
 ELASTIC_EP_METRICS_HOST, _PORT   ``--metrics-host``,              ``0.0.0.0``, ``9400``
                                  ``--metrics-port`` (controller)
 ELASTIC_EP_ARGS                  more flags, shell-split          ``--layers 2 --slots 4``
@@ -76,7 +78,8 @@ _ROLE_FLAGS = {
     "controller": (("ELASTIC_EP_METRICS_HOST", "--metrics-host"), ("ELASTIC_EP_METRICS_PORT", "--metrics-port"),
                    ("ELASTIC_EP_MODEL", "--model")),
     "agent": (("ELASTIC_EP_NODE", "--node"), ("ELASTIC_EP_TRANSPORT", "--transport"),
-              ("ELASTIC_EP_CHECKPOINT", "--ckpt"), ("ELASTIC_EP_MODEL", "--model")),
+              ("ELASTIC_EP_CHECKPOINT", "--ckpt"), ("ELASTIC_EP_MODEL", "--model"),
+              ("ELASTIC_EP_MIRROR_BUDGET_GIB", "--mirror-budget-gib")),
 }
 
 
@@ -186,7 +189,19 @@ def agent_settings_from_env(env: Mapping[str, str] | None = None, **agent_fields
     fields.update(agent_fields)
     cfg = AgentConfig(etcd_config_from_env(env, ident), ident, **fields)
     checkpoint = _get(env, "ELASTIC_EP_MODEL") or _get(env, "ELASTIC_EP_CHECKPOINT") or None
-    return AgentSettings(cfg, transport, options, checkpoint)
+    return AgentSettings(cfg, transport, options, checkpoint, mirror_bytes=_mirror_bytes(env))
+
+
+def _mirror_bytes(env: Mapping[str, str]) -> int:
+    """``ELASTIC_EP_MIRROR_BUDGET_GIB`` in bytes (0 when unset)."""
+    raw = _get(env, "ELASTIC_EP_MIRROR_BUDGET_GIB") or "0"
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not 0 <= gib < 1 << 20:  # also refuses nan
+        raise ConfigError(f"ELASTIC_EP_MIRROR_BUDGET_GIB={raw!r} must be a number of GiB, 0 or more")
+    return int(gib * (1 << 30))
 
 
 def _read_secret(path: str, what: str) -> str:
