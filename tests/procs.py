@@ -138,3 +138,19 @@ def running_deployment(
                     os.kill(p.pid, signal.SIGCONT)
                     p.kill()
                 p.join(5)
+
+
+def seeded_weights(layout: Any, rank: int, layers: int, slots: int) -> list[dict[str, Any]]:
+    """Serving tensors of ``rank`` (``layers`` x ``slots`` slots of ``layout``), every byte
+    drawn from a generator seeded by (rank, layer): what a transport test reads back."""
+    import torch
+
+    out = []
+    for layer in range(layers):
+        g = torch.Generator().manual_seed(1000 * rank + layer)
+        named = layout.allocate(slots)
+        for w in named.values():
+            flat = w.view(torch.uint8).reshape(-1)
+            flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
+        out.append(named)
+    return out

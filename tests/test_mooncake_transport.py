@@ -26,6 +26,7 @@ from torch.distributed import TCPStore
 from elastic_ep.errors import TransportError
 from loaders.layout import ExpertLayout, moe_layout
 from loaders.transport import PeerRead, get_transport, wait_for_key
+from tests.procs import seeded_weights
 
 # The transport module sets mooncake's environment defaults before importing it, so it
 # is imported first (mooncake reads its log level on import).
@@ -50,16 +51,7 @@ def _layout() -> ExpertLayout:
 
 
 def _weights(layout: ExpertLayout, rank: int, layers: int = LAYERS) -> list[dict[str, torch.Tensor]]:
-    """Serving tensors of ``rank``, every byte drawn from a generator seeded by (rank, layer)."""
-    out = []
-    for layer in range(layers):
-        g = torch.Generator().manual_seed(1000 * rank + layer)
-        named = layout.allocate(SLOTS)
-        for w in named.values():
-            flat = w.view(torch.uint8).reshape(-1)
-            flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
-        out.append(named)
-    return out
+    return seeded_weights(layout, rank, layers, SLOTS)
 
 
 def _serve(rank: int, world: int, port: int) -> None:

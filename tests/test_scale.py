@@ -1,8 +1,10 @@
 """The control plane at production size: 64 simulated ranks of DeepSeek-V3 (58 MoE
-layers x 256 experts, 9 slots a rank) in front of the real controller with the
-``deepseek`` policy, whose plan after one death would be over etcd's 1.5 MiB as one
+layers x 256 experts, 9 slots a rank) in 8 nodes, each with a host-memory mirror, in
+front of the real controller with the ``deepseek`` policy (hierarchical: an expert's
+replicas share a node), whose plan after one death would be over etcd's 1.5 MiB as one
 record. Bootstrap, kill a rank, and check the commit against every invariant, each
-record's size, and that every rank read only its own part."""
+record's size, and that every rank read only its own part; then lose a whole node of 8
+ranks and read nothing from disk: every expert it held alone comes from a mirror."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
+from controller.coverage import mirror_coverage
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import member_id
 from controller.view import read_view
@@ -24,6 +27,8 @@ from tests.procs import read_committed
 RANKS = 64
 SHAPE = SimShape(58, 256, 9, 88_080_384)
 LIMIT = 512 * 1024
+MIRROR_ROWS = 320
+"""Above the 266 rows per rank (58 x 256 / 56 ranks off any node) that cover any node."""
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,25 @@ def _largest_value(client: Any, root: str) -> tuple[int, str]:
     return max((len(v), m.key.decode()) for v, m in client.get_prefix(root + "/"))
 
 
+def _lose_a_node(ranks: SimulatedRanks, client: Any, root: str, c2: Any) -> None:
+    """Every mirror ready, the 8 ranks of node-3 die together: no disk read."""
+    cov = _wait(lambda: (x := mirror_coverage(read_view(client, root))).pending == 0 and x.ready and x, 120,
+                "every mirror reported ready")
+    assert c2.mirrors is not None and cov.worst_experts == 0, cov.worst_experts
+    node = [member_id(m) for m in c2.members if member_id(m) in {f"sim-{i}" for i in range(24, 32)}]
+    assert len(ranks.kill(*node)) == 8
+    c3 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c2.epoch
+               and not set(node) & {member_id(m) for m in c.members} and c, 240, "the recovery from the node loss")
+    v = read_view(client, root, whole_plan=True, loads=True)
+    require(check_commit(v, exact_disk=True))
+    mirrored = sum(1 for t in v.plan.plan.transfers if t.route == "mirror")
+    size, key = _largest_value(client, root)
+    print(f"node lost: {cov.ready} mirror rows were ready; {mirrored} slots from mirrors; bytes {c3.bytes}; "
+          f"largest value {size / 1024:.0f} KiB ({key})")
+    assert c3.bytes.get("disk", 0) == 0 and c3.bytes.get("mirror", 0) == mirrored * SHAPE.expert_bytes > 0
+    assert size <= LIMIT, (size, key)
+
+
 def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
     cfg = EtcdConfig(etcd.endpoint, deployment="dsv3-64", timeout_s=10.0)
     shape = ModelShape(SHAPE.num_layers, SHAPE.num_logical, SHAPE.slots_per_rank, SHAPE.expert_bytes)
@@ -58,7 +82,7 @@ def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
     ctl_thread = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
     ctl_thread.start()
     client = connect(cfg)
-    ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=16)
+    ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=16, mirror_rows=MIRROR_ROWS)
     try:
         ranks.start(RANKS)
         c1 = _wait(lambda: (c := read_committed(client, cfg.root)) and len(c.members) == RANKS and c, 240,
@@ -86,6 +110,7 @@ def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
             assert got == want, (m, got, want)
         left = {mk.key.decode().split("/")[-3] for _, mk in client.get_prefix(f"{cfg.root}/plans/")}
         assert left == {f"{c2.epoch:020d}"}, f"only the committed epoch's chunks remain: {left}"
+        _lose_a_node(ranks, client, cfg.root, c2)
     finally:
         stop.set()
         ctl_thread.join(15)

@@ -40,6 +40,7 @@ from loaders.transport import (  # noqa: E402
     get_transport,
     wait_for_key,
 )
+from tests.procs import seeded_weights  # noqa: E402
 
 LAYERS, SLOTS = 3, 4
 ROWS = {0: 2, 1: 3}  # mirror rows of each participant
@@ -53,16 +54,7 @@ BACKEND_MODULES = {"torch": "torch.distributed", "nixl": "loaders.transport.nixl
 
 
 def make_weights(rank: int) -> list[dict[str, torch.Tensor]]:
-    """Serving tensors of ``rank``: every byte drawn from a generator seeded by (rank, layer)."""
-    out = []
-    for layer in range(LAYERS):
-        g = torch.Generator().manual_seed(1000 * rank + layer)
-        named = LAYOUT.allocate(SLOTS)
-        for w in named.values():
-            flat = w.view(torch.uint8).reshape(-1)
-            flat.copy_(torch.randint(0, 256, flat.shape, generator=g, dtype=torch.uint8))
-        out.append(named)
-    return out
+    return seeded_weights(LAYOUT, rank, LAYERS, SLOTS)
 
 
 def make_mirror(rank: int) -> torch.Tensor:

@@ -570,8 +570,8 @@ def cmd_simulate_ranks(args: argparse.Namespace) -> int:
     shape = SimShape(args.layers, args.experts, args.slots, args.expert_bytes)
     cfg = dataclasses.replace(etcd_config(args), timeout_s=args.etcd_timeout)
     return serve(cfg, shape, args.count, _stop_on_signals(), start_index=args.start_index,
-                 node_size=args.node_size, lease_ttl_s=args.lease_ttl, ranks_per_client=args.ranks_per_client,
-                 commands=sys.stdin if args.stdin_commands else None)
+                 commands=sys.stdin if args.stdin_commands else None, node_size=args.node_size,
+                 lease_ttl_s=args.lease_ttl, ranks_per_client=args.ranks_per_client, mirror_rows=args.mirror_rows)
 
 
 def add_simulate_command(sub: Any) -> None:
@@ -588,6 +588,8 @@ def add_simulate_command(sub: Any) -> None:
     s.add_argument("--lease-ttl", type=POSITIVE, default=3, help="seconds of each rank's lease")
     s.add_argument("--etcd-timeout", type=float_in(0, above=True), default=EtcdConfig.timeout_s,
                    help="seconds one etcd call may take (raise it when hundreds of ranks share a few cores)")
+    s.add_argument("--mirror-rows", type=COUNT, default=0,
+                   help="experts each simulated rank's mirror holds (reported ready at each commit; 0: none)")
     s.add_argument("--ranks-per-client", type=COUNT, default=0,
                    help="ranks sharing one etcd connection (0: all); calls on one connection take turns")
     s.add_argument("--stdin-commands", action="store_true",

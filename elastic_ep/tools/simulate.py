@@ -114,6 +114,38 @@ class CountingExecutor:
         return CountedReport(plan.epoch, old_rank, new, moved, {"count": seconds}, seconds)
 
 
+class CountingMirror:
+    """A simulated rank's host-memory mirror: ``rows`` offered in its registration, and
+    every row a commit assigns reported ready at once (no byte is copied), through
+    ``publish`` (the agent's :meth:`~elastic_ep.runtime.agent.RankAgent.publish_mirror`).
+    The controller then plans from it as from a serving rank's mirror."""
+
+    def __init__(self, rows: int, publish: Any) -> None:
+        self.rows, self.publish = rows, publish
+        self.held: Any = None
+
+    def assign(self, wanted: Any) -> None:
+        self.held = wanted.copy()
+        self.republish()
+
+    def republish(self) -> None:
+        if self.held is None:
+            return
+        try:
+            self.publish(self.held)
+        except Exception as e:  # etcd away or no lease: the next commit publishes again
+            log.warning("simulated mirror not published: %s", e)
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class _Hosted:
     """One simulated rank: its agent, the thread running it and that thread's stop."""
@@ -137,15 +169,16 @@ class SimulatedRanks:
             synchronous calls on one channel take turns, so on one client a lease
             refresh waits behind every other rank's reads: with many ranks it can wait
             past its TTL, which no serving rank (one process, one client) would see.
+        mirror_rows: each rank's mirror rows (:class:`CountingMirror`; 0: none).
     """
 
     def __init__(self, cfg: EtcdConfig, shape: SimShape, node_size: int = 8, lease_ttl_s: int = 3,
-                 client: Any = None, ranks_per_client: int = 0) -> None:
+                 client: Any = None, ranks_per_client: int = 0, mirror_rows: int = 0) -> None:
         if node_size < 1 or lease_ttl_s < 1 or ranks_per_client < 0:
             raise ConfigError(f"node_size {node_size} and lease_ttl_s {lease_ttl_s} must be at least 1, "
                               f"ranks_per_client {ranks_per_client} at least 0")
         self.cfg, self.shape, self.node_size, self.lease_ttl_s = cfg, shape, node_size, lease_ttl_s
-        self.ranks_per_client = ranks_per_client
+        self.ranks_per_client, self.mirror_rows = ranks_per_client, mirror_rows
         self._clients: list[Any] = [client if client is not None else connect(cfg)]
         self._own_clients = client is None  # closed by close(); a given client is the caller's
         self._shared = client is not None or ranks_per_client == 0
@@ -176,7 +209,10 @@ class SimulatedRanks:
     def _agent(self, index: int, client: Any) -> RankAgent:
         cfg = AgentConfig(self.cfg, f"sim-{index}", node=f"node-{index // self.node_size}",
                           lease_ttl_s=self.lease_ttl_s, endpoint={"transport": "simulated"})
-        return RankAgent(cfg, CountingExecutor(self.shape), self._load_initial, client=client)
+        agent = RankAgent(cfg, CountingExecutor(self.shape), self._load_initial, client=client)
+        if self.mirror_rows > 0:
+            agent.mirror = CountingMirror(self.mirror_rows, agent.publish_mirror)  # type: ignore[assignment]
+        return agent
 
     def start(self, count: int, start_index: int | None = None) -> list[str]:
         """Start ``count`` more ranks numbered from ``start_index`` (default: after the
@@ -268,12 +304,12 @@ def _follow(ranks: SimulatedRanks, commands: Iterable[str]) -> None:
 
 
 def serve(cfg: EtcdConfig, shape: SimShape, count: int, stop: threading.Event, start_index: int = 0,
-          node_size: int = 8, lease_ttl_s: int = 3, ranks_per_client: int = 0,
-          commands: TextIO | None = None) -> int:
+          commands: TextIO | None = None, **options: Any) -> int:
     """``elastic-ep simulate-ranks``: host ``count`` ranks until ``stop``; with ``commands``
-    (stdin), apply its control lines (:func:`apply_command`) meanwhile. The ranks'
-    leases are revoked on the way out. Returns the exit status."""
-    ranks = SimulatedRanks(cfg, shape, node_size, lease_ttl_s, ranks_per_client=ranks_per_client)
+    (stdin), apply its control lines (:func:`apply_command`) meanwhile. ``options``:
+    :class:`SimulatedRanks`'s keywords. The ranks' leases are revoked on the way out.
+    Returns the exit status."""
+    ranks = SimulatedRanks(cfg, shape, **options)
     ids = ranks.start(count, start_index)
     print(f"hosting {len(ids)} simulated ranks {ids[0]}..{ids[-1]} "
           f"({shape.num_layers} layers x {shape.slots_per_rank} slots, {shape.num_logical} experts)", flush=True)

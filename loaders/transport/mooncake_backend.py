@@ -151,12 +151,8 @@ class MooncakeTransport(OneSidedTransport):
 
     def _register_mirror(self) -> None:
         assert self.mirror is not None
-        if not self.mirror.numel():  # an empty mirror has no rows to read
-            return
-        rc = self.engine.register_memory(self.mirror.data_ptr(), self.mirror.numel())
-        if rc != 0:
-            raise TransportError(f"mooncake could not register the {self.mirror.numel()}-byte mirror: rc {rc}")
-        self._mirror_addr = self.mirror.data_ptr()
+        if self.mirror.numel():  # an empty mirror has no rows to read
+            self._mirror_addr = self._register_buffer(self.mirror, "mirror")
 
     def _deregister_mirror(self) -> None:
         if self._mirror_addr is not None:
@@ -165,10 +161,14 @@ class MooncakeTransport(OneSidedTransport):
 
     def _register_staging(self) -> None:
         assert self.staging is not None
-        rc = self.engine.register_memory(self.staging.data_ptr(), self.staging.numel())
+        self._staging_addr = self._register_buffer(self.staging, "staging buffer")
+
+    def _register_buffer(self, buf: torch.Tensor, what: str) -> int:
+        """Register one flat uint8 buffer with the engine; its address."""
+        rc = self.engine.register_memory(buf.data_ptr(), buf.numel())
         if rc != 0:
-            raise TransportError(f"mooncake could not register the {self.staging.numel()}-byte staging buffer: rc {rc}")
-        self._staging_addr = self.staging.data_ptr()
+            raise TransportError(f"mooncake could not register the {buf.numel()}-byte {what}: rc {rc}")
+        return buf.data_ptr()
 
     def _deregister_staging(self) -> None:
         # A read abandoned into the old buffer keeps it alive (``_Batch.staging``); for
