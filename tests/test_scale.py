@@ -1,10 +1,10 @@
 """The control plane at production size: 64 simulated ranks of DeepSeek-V3 (58 MoE
-layers x 256 experts, 9 slots a rank) in 8 nodes, each with a host-memory mirror, in
-front of the real controller with the ``deepseek`` policy (hierarchical: an expert's
-replicas share a node), whose plan after one death would be over etcd's 1.5 MiB as one
+layers x 256 experts, 9 slots a rank) in front of the real controller with the
+``deepseek`` policy, whose plan after one death would be over etcd's 1.5 MiB as one
 record. Bootstrap, kill a rank, and check the commit against every invariant, each
-record's size, and that every rank read only its own part; then lose a whole node of 8
-ranks and read nothing from disk: every expert it held alone comes from a mirror."""
+record's size, and that every rank read only its own part. Then 40 such ranks in 5
+nodes, where 152 experts of each layer have one GPU replica, each rank with a
+host-memory mirror: lose a whole node of 8 ranks and read nothing from disk."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from tests.procs import read_committed
 RANKS = 64
 SHAPE = SimShape(58, 256, 9, 88_080_384)
 LIMIT = 512 * 1024
-MIRROR_ROWS = 320
-"""Above the 266 rows per rank (58 x 256 / 56 ranks off any node) that cover any node."""
+MIRROR_ROWS = 300
+"""Above the rows per rank (about 58 x 152 / 40 = 221) that cover any node's loss."""
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +54,40 @@ def _largest_value(client: Any, root: str) -> tuple[int, str]:
     return max((len(v), m.key.decode()) for v, m in client.get_prefix(root + "/"))
 
 
-def _lose_a_node(ranks: SimulatedRanks, client: Any, root: str, c2: Any) -> None:
-    """Every mirror ready, the 8 ranks of node-3 die together: no disk read."""
-    cov = _wait(lambda: (x := mirror_coverage(read_view(client, root))).pending == 0 and x.ready and x, 120,
-                "every mirror reported ready")
-    assert c2.mirrors is not None and cov.worst_experts == 0, cov.worst_experts
-    node = [member_id(m) for m in c2.members if member_id(m) in {f"sim-{i}" for i in range(24, 32)}]
-    assert len(ranks.kill(*node)) == 8
-    c3 = _wait(lambda: (c := read_committed(client, root)) and c.epoch > c2.epoch
-               and not set(node) & {member_id(m) for m in c.members} and c, 240, "the recovery from the node loss")
-    v = read_view(client, root, whole_plan=True, loads=True)
-    require(check_commit(v, exact_disk=True))
-    mirrored = sum(1 for t in v.plan.plan.transfers if t.route == "mirror")
-    size, key = _largest_value(client, root)
-    print(f"node lost: {cov.ready} mirror rows were ready; {mirrored} slots from mirrors; bytes {c3.bytes}; "
-          f"largest value {size / 1024:.0f} KiB ({key})")
-    assert c3.bytes.get("disk", 0) == 0 and c3.bytes.get("mirror", 0) == mirrored * SHAPE.expert_bytes > 0
-    assert size <= LIMIT, (size, key)
+def test_40_deepseek_v3_ranks_lose_a_node_and_read_nothing_from_disk(etcd):
+    cfg = EtcdConfig(etcd.endpoint, deployment="dsv3-40", timeout_s=10.0)
+    shape = ModelShape(SHAPE.num_layers, SHAPE.num_logical, SHAPE.slots_per_rank, SHAPE.expert_bytes)
+    ctl = Controller(ControllerConfig(cfg, shape, id="ctl-mirrors", min_ranks=40, settle_s=0.5, leader_ttl_s=5))
+    stop = threading.Event()
+    ctl_thread = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    ctl_thread.start()
+    client = connect(cfg)
+    ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=10, mirror_rows=MIRROR_ROWS)
+    try:
+        ranks.start(40)
+        c1 = _wait(lambda: (c := read_committed(client, cfg.root)) and len(c.members) == 40 and c, 240,
+                   "the bootstrap commit of 40 ranks")
+        assert c1.mirrors is not None and c1.mirrors.count() > 5000, "most experts have one replica: mirrored"
+        cov = _wait(lambda: (x := mirror_coverage(read_view(client, cfg.root))).pending == 0 and x, 120,
+                    "every mirror reported ready")
+        assert cov.ready == c1.mirrors.count() and cov.worst_experts == 0, (cov.ready, cov.worst_experts)
+        node = [f"sim-{i}" for i in range(24, 32)]
+        assert len(ranks.kill(*node)) == 8
+        c2 = _wait(lambda: (c := read_committed(client, cfg.root)) and c.epoch > c1.epoch
+                   and not set(node) & {member_id(m) for m in c.members} and c, 240, "the recovery from the node loss")
+        v = read_view(client, cfg.root, whole_plan=True, loads=True)
+        require(check_commit(v, exact_disk=True))
+        mirrored = sum(1 for t in v.plan.plan.transfers if t.route == "mirror")
+        size, key = _largest_value(client, cfg.root)
+        print(f"node of 8 lost: {cov.ready} mirror rows were ready; {len(v.plan.plan.transfers)} transfers, "
+              f"{mirrored} from mirrors; bytes {c2.bytes}; head {len(v.plan.to_json()) / 1024:.0f} KiB; "
+              f"largest value {size / 1024:.0f} KiB ({key})")
+        assert c2.bytes.get("disk", 0) == 0 and c2.bytes.get("mirror", 0) == mirrored * SHAPE.expert_bytes > 0
+        assert size <= LIMIT, (size, key)
+    finally:
+        stop.set()
+        ctl_thread.join(15)
+        ranks.close()
 
 
 def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
@@ -82,7 +99,7 @@ def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
     ctl_thread = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
     ctl_thread.start()
     client = connect(cfg)
-    ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=16, mirror_rows=MIRROR_ROWS)
+    ranks = SimulatedRanks(cfg, SHAPE, node_size=8, lease_ttl_s=10, ranks_per_client=16)
     try:
         ranks.start(RANKS)
         c1 = _wait(lambda: (c := read_committed(client, cfg.root)) and len(c.members) == RANKS and c, 240,
@@ -110,7 +127,6 @@ def test_64_deepseek_v3_ranks_recover_a_plan_too_large_for_one_record(etcd):
             assert got == want, (m, got, want)
         left = {mk.key.decode().split("/")[-3] for _, mk in client.get_prefix(f"{cfg.root}/plans/")}
         assert left == {f"{c2.epoch:020d}"}, f"only the committed epoch's chunks remain: {left}"
-        _lose_a_node(ranks, client, cfg.root, c2)
     finally:
         stop.set()
         ctl_thread.join(15)

@@ -133,7 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"policy {args.policy}: balance (mean/max rank load) {result['balance_before']:.3f} -> "
           f"{result['balance_after']:.3f}; {result['seconds']['policy'] * 1e3:.1f} ms, plan "
           f"{result['seconds']['plan'] * 1e3:.1f} ms")
-    print(f"transfers: {s['transfers']} slots, {s['missing_experts']} (layer, expert) pairs with no live replica")
+    print(f"transfers: {s['transfers']} slots, {s['missing_experts']} (layer, expert) pairs from disk (neither a live "
+          "replica nor a ready mirror)")
     print(f"{'route':<8}{'bytes':>14}")
     for route, b in s["bytes"].items():
         print(f"{route:<8}{_fmt_bytes(b):>14}")
