@@ -17,6 +17,7 @@ import numpy as np
 
 from controller.coverage import mirror_coverage, ready_mirrors
 from elastic_ep.core.mirrors import needs_mirror
+from elastic_ep.tools.cli import main as cli_main, status
 from controller.records import CommitRecord, member_id
 from controller.view import read_view
 from elastic_ep.tools.invariants import check_commit, require
@@ -74,13 +75,27 @@ def next_commit(client: Any, root: str, after: int) -> CommitRecord:
                       f"a commit after epoch {after}")
 
 
-def test_a_node_loss_reads_nothing_from_disk_once_the_mirrors_are_filled(ckpt: str) -> None:
+def check_status(cfg: Any, assigned: int, capsys: Any) -> None:
+    """``elastic-ep status``: every rank's mirror (ready/rows, bytes) and the worst loss."""
+    s = status(cfg)
+    assert s["mirrors"]["worst_loss"] == {"kind": "node", "label": "node-0", "experts": 0, "bytes": 0}
+    assert sum(r["mirror_ready"] for r in s["ranks"]) == assigned and all(r["mirror_rows"] == 16 for r in s["ranks"])
+    capsys.readouterr()
+    assert cli_main(["status", "--etcd", cfg.endpoint, "--deployment", cfg.deployment]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "worst single node loss: node-0, 0 experts (0 B)" in out
+    assert all(f"/16, {16 * EB // 1024}.0 KiB" in line for line in out.splitlines() if line.startswith("r"))
+
+
+def test_a_node_loss_reads_nothing_from_disk_once_the_mirrors_are_filled(ckpt: str, capsys: Any) -> None:
     with deployment(ckpt, float(1 << 30)) as (ctl, procs, client, root, c1):
         assert c1.mirrors is not None and c1.mirrors.count() > 0, "the bootstrap plan assigns mirrors"
         cov = wait_until(lambda: (x := mirror_coverage(read_view(client, root))).pending == 0 and x, 30.0,
                          "every assigned mirror row ready")
         print(f"mirrors: {cov.ready} rows ready; worst node loss {cov.worst_label}: {cov.worst_experts} experts")
         assert cov.domain_kind == "node" and cov.worst_experts == 0 and cov.ready == c1.mirrors.count()
+        check_status(ctl.cfg.etcd, c1.mirrors.count(), capsys)
         victims = kill_node(procs, c1, "node-1")
         c2 = next_commit(client, root, c1.epoch)
         view = read_view(client, root, whole_plan=True, loads=True)
