@@ -192,8 +192,10 @@ class MirrorKeeper:
 
     def _flush(self) -> bool:
         """Publish :attr:`held` if it changed; False when the publication failed."""
-        if not self._dirty or self.publish is None:
-            self._dirty = False if self.publish is None else self._dirty
+        if self.publish is None:  # nobody to tell: nothing can read a row here
+            self._dirty = False
+            return True
+        if not self._dirty:
             return True
         rows = self.ready()
         self._dirty = False
