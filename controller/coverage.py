@@ -5,7 +5,11 @@ read the most experts from disk. The controller plans from :func:`ready_mirrors`
 
 A mirror row counts as ready only when the rank that the committed assignment gives it
 to reports, under its live registration, that very row holding that very expert: a row
-reported with another expert (stale, being rewritten) or not reported is never read.
+reported with another expert (stale, being rewritten) or not reported is never planned.
+Ranks fill and keep the committed assignment only (a plan's assignment takes effect at
+its commit), so no row planned this way is rewritten before the plan ends, but for the
+one being written when the plan arrived: the executor keeps a slot read from a mirror
+only if its row is still reported with that expert after the read.
 
 Example::
 
@@ -25,28 +29,32 @@ from controller.records import member_id
 from controller.view import ClusterView
 
 
-def ready_mirrors(view: ClusterView, members: list[str], mirrors: MirrorAssignment | None
-                  ) -> MirrorAssignment | None:
-    """Of the mirrors ``mirrors`` assigns to ``members`` (``members[r]``: the token of rank
-    ``r``), those whose rank reports the row ready with that very expert, under its live
-    registration: only these may be a plan's sources."""
-    if mirrors is None:
+def ready_mirrors(view: ClusterView, members: list[str]) -> MirrorAssignment | None:
+    """The mirror rows a plan from a placement of ``members`` (``members[r]``: the token
+    of rank ``r``) may read, in that numbering: those the *committed* assignment gives a
+    rank (the one every rank fills and keeps until the next commit) whose live
+    registration reports the row ready with that very expert. None without mirrors."""
+    c = view.committed
+    if c is None or c.mirrors is None:
         return None
     reports = view.read_mirrors()
-    rank, row = mirrors.rank.copy(), mirrors.row.copy()
+    rank, row = c.mirrors.rank.copy(), c.mirrors.row.copy()
     num_logical = rank.shape[1]
-    for r, m in enumerate(members):
+    where = {t: i for i, t in enumerate(members)}
+    renumber = np.full(len(c.members) + 1, -1, dtype=np.int64)  # the last entry maps -1
+    for r, m in enumerate(c.members):
         rep = reports.get(member_id(m))
         mine = rank == r
-        if rep is None or rep.token != m:
+        if rep is None or rep.token != m or m not in where:
             rank[mine] = -1
             continue
+        renumber[r] = where[m]
         lay, log_ = np.nonzero(mine)
         reported = np.append(rep.rows, -1)  # a row past the report's end reads -1
         held = reported[np.minimum(row[lay, log_], len(rep.rows))]
         stale = held != lay * num_logical + log_
         rank[lay[stale], log_[stale]] = -1
-    rank[rank >= len(members)] = -1
+    rank = renumber[np.where(rank >= 0, rank, len(c.members))]
     row[rank < 0] = -1
     return MirrorAssignment(rank.astype(np.int32), row.astype(np.int32))
 
@@ -102,7 +110,7 @@ def mirror_coverage(view: ClusterView) -> Coverage:
     members = list(c.members)
     ids = [member_id(m) for m in members]
     labels = [view.ranks[i].node if i in view.ranks else "" for i in ids]
-    ready = ready_mirrors(view, members, c.mirrors)
+    ready = ready_mirrors(view, members)
     ranks = []
     for r, rid in enumerate(ids):
         offered = view.ranks[rid].mirror_rows if rid in view.ranks else 0

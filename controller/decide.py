@@ -456,7 +456,7 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
     new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes),
                                   node_of=_new_nodes(mapping, nodes))
     plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes,
-                      mirrors=ready_mirrors(view, base.members, base.mirrors))
+                      mirrors=ready_mirrors(view, base.members))
     if not change and not plan.transfers:
         return ps.act(Kind.BALANCED, replace(memory, last_rebalance=ps.now), reason=reason)
     new_members = ([members[o] for o in mapping.new_to_old()[: mapping.num_surviving]]

@@ -40,7 +40,7 @@ def view(reports: dict[str, MirrorRecord], live: list[str] = MEMBERS) -> Cluster
 
 
 def ready_of(v: ClusterView) -> list[int]:
-    r = ready_mirrors(v, MEMBERS, ASSIGNED)
+    r = ready_mirrors(v, MEMBERS)
     assert r is not None
     return r.rank[0].tolist()
 
@@ -52,7 +52,7 @@ def test_a_row_reported_ready_with_its_expert_is_a_source() -> None:
     assert (cov.ready, cov.pending, cov.worst_experts, cov.domain_kind) == (4, 0, 0, "node")
     # Node a lost: both its experts come from r2's mirror (r2's own, then r3's read of it).
     plan = build_plan(PLACEMENT, AFTER, RankMapping.build(4, dead=[0, 1]), 100,
-                      mirrors=ready_mirrors(v, MEMBERS, ASSIGNED))
+                      mirrors=ready_mirrors(v, MEMBERS))
     assert [(t.logical, t.route, t.sources[0].rank) for t in plan.transfers] == [(0, "mirror", 2), (1, "mirror", 2)]
     assert plan.bytes_by_route()["disk"] == 0 and not any(plan.missing)
 
@@ -71,7 +71,7 @@ def test_stale_unready_and_foreign_rows_are_never_sources() -> None:
         cov = mirror_coverage(v)
         assert (cov.ready, cov.pending, cov.worst_label, cov.worst_experts) == (2, 2, "a", 2), what
         plan = build_plan(PLACEMENT, AFTER, RankMapping.build(4, dead=[0, 1]), 100,
-                          mirrors=ready_mirrors(v, MEMBERS, ASSIGNED))
+                          mirrors=ready_mirrors(v, MEMBERS))
         assert plan.missing == ((0, 1),) and plan.bytes_by_route()["mirror"] == 0, what
 
 
@@ -86,5 +86,14 @@ def test_a_dead_ranks_mirror_is_not_a_source() -> None:
     v = view({"r2": MirrorRecord("r2#a", np.array([0, 1]))})
     # r0 dies with node b alive: experts 0 and 1 still have r1; r0's mirrors of 2, 3 are gone with it.
     plan = build_plan(PLACEMENT, ExpertPlacement(np.array([[2, 3, 0, 1, 2, 3]]), 2, 4),
-                      RankMapping.build(4, dead=[0]), 100, mirrors=ready_mirrors(v, MEMBERS, ASSIGNED))
+                      RankMapping.build(4, dead=[0]), 100, mirrors=ready_mirrors(v, MEMBERS))
     assert plan.transfers and all(s.rank != 0 for t in plan.transfers for s in t.sources[:-1])
+
+
+def test_ready_rows_follow_their_tokens_into_another_numbering() -> None:
+    # A plan built on a finished, uncommitted plan: its members r2, r3, j9 (a joiner).
+    v = view({"r2": MirrorRecord("r2#a", np.array([0, 1]))})
+    r = ready_mirrors(v, ["r2#a", "r3#a", "j9#b"])
+    assert r is not None and r.rank[0].tolist() == [0, 0, -1, -1] and r.row[0].tolist() == [0, 1, -1, -1]
+    # The ranks fill the committed assignment only: a member it does not name has nothing ready.
+    assert ready_mirrors(v, ["j9#b"]).count() == 0

@@ -63,7 +63,7 @@ def best_protected(view: Any, c: CommitRecord) -> str:
     it with a ready mirror elsewhere)."""
     labels = [node(member_id(m)) for m in c.members]
     need, confining = needs_mirror(c.placement, labels)
-    ready = ready_mirrors(view, list(c.members), c.mirrors)
+    ready = ready_mirrors(view, list(c.members))
     assert ready is not None
     covered = need & (ready.rank >= 0)
     counts = {lab: int(np.sum(covered & (confining == d))) for d, lab in enumerate(dict.fromkeys(labels))}

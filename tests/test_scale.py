@@ -57,7 +57,10 @@ def _largest_value(client: Any, root: str) -> tuple[int, str]:
 def test_40_deepseek_v3_ranks_lose_a_node_and_read_nothing_from_disk(etcd):
     cfg = EtcdConfig(etcd.endpoint, deployment="dsv3-40", timeout_s=10.0)
     shape = ModelShape(SHAPE.num_layers, SHAPE.num_logical, SHAPE.slots_per_rank, SHAPE.expert_bytes)
-    ctl = Controller(ControllerConfig(cfg, shape, id="ctl-mirrors", min_ranks=40, settle_s=0.5, leader_ttl_s=5))
+    # A node's ranks die together; a 1 s settle window puts them all in one plan (plans
+    # made between its deaths may place experts on its ranks still alive).
+    ctl = Controller(ControllerConfig(cfg, shape, id="ctl-mirrors", min_ranks=40, settle_s=1.0, confirm_settle_s=1.0,
+                                      leader_ttl_s=5))
     stop = threading.Event()
     ctl_thread = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
     ctl_thread.start()

@@ -762,10 +762,12 @@ class RankAgent:
         transport = getattr(self.executor, "transport", None)
         if transport is not None:
             transport.abort, transport.gone = peers.abort_reason, peers.gone
+        self.executor.mirror_rows = peers.mirror_rows
         try:
             report = self.executor.execute(plan, old_rank, None if old_rank is not None else new_rank, store=store,
                                            gone=peers.gone, hooks=switch)
         finally:
+            self.executor.mirror_rows = None
             if transport is not None:
                 transport.abort = transport.gone = None
         phases = dict(report.phase_seconds)

@@ -296,6 +296,10 @@ class PlanExecutor:
                 f"disk source expert_bytes {disk.layout.expert_bytes} != serving layout {layout.expert_bytes}"
             )
         self.mirror: torch.Tensor | None = None
+        self.mirror_rows: Callable[[int], Any] | None = None
+        """Set by the rank's agent for each plan: old rank -> what its mirror report says
+        each row holds now (None: cannot say). Slots read from a mirror row are kept
+        only if the row is still reported with their expert after the read."""
         if transport is not None:
             transport.register_weights(self.weights)
 
@@ -564,7 +568,29 @@ class _LayerRun:
         if outcome.delivered is not None:
             self.delivered[i] = picks[outcome.delivered]
 
+    def check_mirrors(self) -> None:
+        """Drop the slots read from mirror rows that their rank no longer reports
+        holding their expert (a row is reported empty before it is rewritten, so one
+        still reported after the read was read whole); the disk reads them instead."""
+        ask = self.ex.mirror_rows
+        if ask is None:
+            return
+        spr, experts = self.ex.slots_per_rank, self.run.plan.new.num_logical
+        by_rank: dict[int, list[int]] = {}
+        for i, k in self.delivered.items():
+            if self.recvs[i].sources[k].route == "mirror":
+                by_rank.setdefault(self.recvs[i].sources[k].rank, []).append(i)
+        for rank, idx in by_rank.items():
+            rows = ask(rank)
+            for i in idx:
+                t, row = self.recvs[i], self.recvs[i].sources[self.delivered[i]].slot - spr
+                if rows is None or row >= len(rows) or rows[row] != t.layer * experts + t.logical:
+                    log.warning("layer %d slot %d: mirror row %d of old rank %d no longer reported with expert %d; "
+                                "reading it from disk", self.layer, t.dst_slot, row, rank, t.logical)
+                    del self.delivered[i]
+
     def read_missing(self) -> None:
+        self.check_mirrors()
         self.read_disk([i for i in range(len(self.recvs)) if i not in self.delivered])
 
     def wait_barrier(self) -> None:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from controller.etcd_client import call
-from controller.records import PlanRecord, RankRecord, member_id, parse_epoch
+from controller.records import MirrorRecord, PlanRecord, RankRecord, member_id, parse_epoch
 from controller.view import parse_value
 
 from elastic_ep.core.rank_mapping import RankMapping
@@ -62,6 +62,25 @@ class PlanPeers:
         with self._lock:
             self._seen[participant] = (now, dead)
         return dead
+
+    def mirror_rows(self, old_rank: int) -> Any:
+        """What old rank ``old_rank``'s mirror report says each row holds now (int64
+        ``[rows]``, flat ``layer * num_logical + logical`` ids, ``-1`` empty), or None
+        when its report is absent, malformed, of another incarnation, or etcd cannot
+        say. A rank publishes a row as empty before it rewrites it, so a row read and
+        then still reported with its expert was read whole."""
+        if not 0 <= old_rank < len(self.rec.old_members):
+            return None
+        token = self.rec.old_members[old_rank]
+        key = f"{self.root}/mirrors/{member_id(token)}"
+        try:
+            raw, meta = call(self.client.get, f"read {key}", key)
+        except Exception:
+            return None
+        if raw is None:
+            return None
+        rec = parse_value(MirrorRecord.parse, key, raw, meta.mod_revision)
+        return rec.rows if isinstance(rec, MirrorRecord) and rec.token == token else None
 
     def abort_reason(self) -> str:
         """Why this plan's waits should end now: a newer plan is out, or a participant's
