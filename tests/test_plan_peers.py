@@ -8,10 +8,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from controller.etcd_client import EtcdConfig, connect
-from controller.records import PlanRecord, RankRecord
+from controller.records import MirrorRecord, PlanRecord, RankRecord
 from elastic_ep.core.placement import initial_placement
 from elastic_ep.core.plan import build_plan
 from elastic_ep.core.rank_mapping import RankMapping
@@ -91,3 +92,16 @@ def test_an_unreachable_etcd_is_no_death() -> None:
     # The server is gone now.
     peers = PlanPeers(c, ROOT, plan_record(), plan_record().mapping, period_s=0.0)
     assert peers.gone(1) is False and peers.abort_reason() == ""
+
+
+def test_a_mirror_report_counts_only_for_the_planned_incarnation(client: Any) -> None:
+    client.delete_prefix(f"{ROOT}/")
+    peers = PlanPeers(client, ROOT, plan_record(), plan_record().mapping)
+    assert peers.mirror_rows(2) is None, "no report"
+    client.put(f"{ROOT}/mirrors/r2", MirrorRecord("r2#a", np.array([5, -1])).to_json())
+    assert peers.mirror_rows(2).tolist() == [5, -1]
+    client.put(f"{ROOT}/mirrors/r2", MirrorRecord("r2#b", np.array([5, -1])).to_json())
+    assert peers.mirror_rows(2) is None, "another incarnation's memory"
+    client.put(f"{ROOT}/mirrors/r2", b'{"schema": 1, "token": "r2#a", "rows": [5]}')
+    assert peers.mirror_rows(2) is None, "a report that does not parse"
+    assert peers.mirror_rows(9) is None and peers.mirror_rows(-1) is None

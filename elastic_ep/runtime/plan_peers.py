@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from controller.etcd_client import call
 from controller.records import MirrorRecord, PlanRecord, RankRecord, member_id, parse_epoch
@@ -49,16 +49,10 @@ class PlanPeers:
         if seen is not None and (seen[1] or now - seen[0] < self.period_s):
             return seen[1]
         token = self.tokens[participant]
-        key = f"{self.root}/ranks/{member_id(token)}"
-        try:
-            raw, meta = call(self.client.get, f"read {key}", key)
-        except Exception:
+        answered, rec = self._record("ranks", token, RankRecord.parse)
+        if not answered:
             return False
-        if raw is None:
-            dead = True
-        else:
-            rec = parse_value(RankRecord.parse, key, raw, meta.mod_revision)
-            dead = isinstance(rec, RankRecord) and rec.token != token
+        dead = rec is None or (isinstance(rec, RankRecord) and rec.token != token)
         with self._lock:
             self._seen[participant] = (now, dead)
         return dead
@@ -72,15 +66,19 @@ class PlanPeers:
         if not 0 <= old_rank < len(self.rec.old_members):
             return None
         token = self.rec.old_members[old_rank]
-        key = f"{self.root}/mirrors/{member_id(token)}"
+        _, rec = self._record("mirrors", token, MirrorRecord.parse)
+        return rec.rows if isinstance(rec, MirrorRecord) and rec.token == token else None
+
+    def _record(self, kind: str, token: str, parse: Callable[..., Any]) -> tuple[bool, Any]:
+        """``(answered, value)`` of ``<kind>/<id>`` of ``token``'s rank: the record, None
+        when the key is absent, the MalformedValueError of a value that does not parse;
+        ``answered`` False when etcd cannot say."""
+        key = f"{self.root}/{kind}/{member_id(token)}"
         try:
             raw, meta = call(self.client.get, f"read {key}", key)
         except Exception:
-            return None
-        if raw is None:
-            return None
-        rec = parse_value(MirrorRecord.parse, key, raw, meta.mod_revision)
-        return rec.rows if isinstance(rec, MirrorRecord) and rec.token == token else None
+            return False, None
+        return True, None if raw is None else parse_value(parse, key, raw, meta.mod_revision)
 
     def abort_reason(self) -> str:
         """Why this plan's waits should end now: a newer plan is out, or a participant's
