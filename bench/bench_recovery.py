@@ -21,7 +21,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from controller.coverage import mirror_coverage  # noqa: E402
+from controller.coverage import mirrors_filled  # noqa: E402
 from elastic_ep.tools.chaos import ChaosCluster  # noqa: E402
 from elastic_ep.tools.polling import wait_until  # noqa: E402
 from loaders.checkpoint.synthetic import SyntheticSpec  # noqa: E402
@@ -48,8 +48,7 @@ def run(mode: str, spec: SyntheticSpec, args: argparse.Namespace, workdir: str) 
                       mirror_rows=0, agent_args=("--transport", args.transport, *extra), log=lambda s: None) as c:
         cov = None
         if mode == "mirror":
-            cov = wait_until(lambda: (x := mirror_coverage(c.read())).pending == 0 and x.ready and x, 300.0,
-                             "every mirror filled")
+            cov = wait_until(lambda: (x := mirrors_filled(c.read())) and x.ready and x, 300.0, "every mirror filled")
         evict(c.ckpt)
         res = c.step("kill_one")
         s = c.read()

@@ -111,18 +111,24 @@ def mirror_coverage(view: ClusterView) -> Coverage:
     ids = [member_id(m) for m in members]
     labels = [view.ranks[i].node if i in view.ranks else "" for i in ids]
     ready = ready_mirrors(view, members)
-    ranks = []
-    for r, rid in enumerate(ids):
-        offered = view.ranks[rid].mirror_rows if rid in view.ranks else 0
-        assigned = int(np.sum(c.mirrors.rank == r)) if c.mirrors is not None else 0
-        got = int(np.sum(ready.rank == r)) if ready is not None else 0
-        ranks.append(RankMirror(rid, labels[r], offered, assigned, got))
+    none = np.zeros(len(ids), dtype=np.int64)
+    assigned = c.mirrors.per_rank(len(ids)) if c.mirrors is not None else none
+    got = ready.per_rank(len(ids)) if ready is not None else none
+    ranks = [RankMirror(rid, labels[r], view.ranks[rid].mirror_rows if rid in view.ranks else 0,
+                        int(assigned[r]), int(got[r])) for r, rid in enumerate(ids)]
     loss = worst_domain_loss(c.placement, labels, ready)
     # An unlabeled rank is a domain of its own: name it by its id.
     per_domain = {(_domain_name(k, ids)): int(v) for k, v in loss.per_domain.items()}
     return Coverage(ranks, sum(x.assigned for x in ranks), sum(x.ready for x in ranks),
                     sum(x.assigned - x.ready for x in ranks), "node" if any(labels) else "rank",
                     _domain_name(loss.label, ids), int(loss.experts), per_domain)
+
+
+def mirrors_filled(view: ClusterView) -> Coverage | None:
+    """The coverage once every mirror row the commit assigns is ready, else None: what
+    a tool waits for before it takes a node down."""
+    cov = mirror_coverage(view)
+    return cov if cov.pending == 0 else None
 
 
 def _domain_name(label: str, ids: list[str]) -> str:

@@ -390,12 +390,13 @@ def _bootstrap(ps: _Pass, memory: Memory) -> Action:
     if not settled:
         return replace(waiting, memory=memory)
     members = [view.ranks[r].token for r in ready]
+    node_of, load = [view.ranks[r].node for r in ready], _load(view, ms)
     placement = initial_placement(ms.num_layers, ms.num_logical, len(members), ms.slots_per_rank)
     if len(members) > 1:
         # Spread over nodes from the start: the first recovery then moves no more for it.
-        placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)), _load(view, ms),
-                                                     node_of=[view.ranks[r].node for r in ready])
-    mirrors = _assign(view, members, placement, [view.ranks[r].node for r in ready], ms, None)
+        placement = get_policy("deepseek").rebalance(placement, RankMapping.build(len(members)), load,
+                                                     node_of=node_of)
+    mirrors = _assign(view, members, placement, node_of, load, None)
     rec = PlanRecord(view.epoch + 1, cfg.leader, [], members, None, placement, "bootstrap", mirrors=mirrors)
     return ps.act(Kind.BOOTSTRAP, replace(memory, phases={}), epoch=rec.epoch, record=rec, reason=rec.reason)
 
@@ -453,8 +454,10 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
         return _too_few(ps, mapping.new_ep_size, memory)
     nodes = ([view.ranks[member_id(m)].node if member_id(m) in view.ranks else "" for m in members]
              + [view.ranks[r].node for r in change.joining])
-    new = ps.cfg.policy.rebalance(base.placement, mapping, _load(view, ms), nodes=_node_count(mapping, nodes),
-                                  node_of=_new_nodes(mapping, nodes))
+    # Summed once over every rank's window: the policy and the mirrors both weigh by it.
+    load, new_nodes = _load(view, ms), _new_nodes(mapping, nodes)
+    new = ps.cfg.policy.rebalance(base.placement, mapping, load, nodes=_node_count(mapping, nodes),
+                                  node_of=new_nodes)
     plan = build_plan(base.placement, new, mapping, ms.expert_bytes, epoch=view.epoch + 1, nodes=nodes,
                       mirrors=ready_mirrors(view, base.members))
     if not change and not plan.transfers:
@@ -462,7 +465,7 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
     new_members = ([members[o] for o in mapping.new_to_old()[: mapping.num_surviving]]
                    + [view.ranks[r].token for r in change.joining])
     previous = base.mirrors.renumbered(mapping.old_to_new) if base.mirrors is not None else None
-    mirrors = _assign(view, new_members, new, _new_nodes(mapping, nodes), ms, previous)
+    mirrors = _assign(view, new_members, new, new_nodes, load, previous)
     rec = PlanRecord(view.epoch + 1, ps.cfg.leader, list(members), new_members, plan, new, reason, mirrors=mirrors)
     detect = ps.now - memory.detected_at if memory.detected_at is not None else 0.0
     memory = replace(memory, seen=None, shortage=None, detected_at=None, phases={rec.epoch: {"detect": detect}},
@@ -470,16 +473,17 @@ def _replan(ps: _Pass, base: _Base, change: _Change, memory: Memory, reason: str
     return ps.act(Kind.PUBLISH, memory, epoch=rec.epoch, record=rec, reason=reason)
 
 
-def _assign(view: ClusterView, members: list[str], placement: ExpertPlacement, node_of: list[str], ms: ModelShape,
-            previous: MirrorAssignment | None) -> MirrorAssignment | None:
+def _assign(view: ClusterView, members: list[str], placement: ExpertPlacement, node_of: list[str],
+            load: np.ndarray, previous: MirrorAssignment | None) -> MirrorAssignment | None:
     """The mirrors the ranks of ``placement`` (``members[r]``: rank ``r``'s token) keep,
-    each within the rows its registration offers; None when none offers any."""
-    most = ms.num_layers * ms.num_logical
+    each within the rows its registration offers, by ``load`` ``[L, E]``; None when none
+    offers any."""
+    most = placement.num_layers * placement.num_logical
     capacity = [min(view.ranks[member_id(m)].mirror_rows, most) if member_id(m) in view.ranks else 0
                 for m in members]
     if not any(capacity):
         return None
-    return assign_mirrors(placement, node_of, capacity, _load(view, ms), previous)
+    return assign_mirrors(placement, node_of, capacity, load, previous)
 
 
 def _new_nodes(mapping: RankMapping, nodes: list[str]) -> list[str]:

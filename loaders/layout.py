@@ -192,6 +192,20 @@ class ExpertLayout:
             slots = int(w.shape[0])
         return {t.name: named[t.name] for t in self.tensors}, int(slots)  # type: ignore[arg-type]
 
+    def check_mirror(self, buffer: torch.Tensor) -> int:
+        """The rows of a host-memory mirror of packed experts: ``buffer`` must be flat,
+        contiguous ``uint8`` on the CPU, whole ``expert_bytes`` rows; else
+        :class:`ConfigError` saying how to allocate one."""
+        eb = self.expert_bytes
+        if (buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous()
+                or buffer.device.type != "cpu" or buffer.numel() % eb):
+            raise ConfigError(
+                f"a mirror must be a flat contiguous CPU uint8 tensor of whole {eb}-byte rows, got "
+                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}; allocate "
+                f"torch.empty(rows * {eb}, dtype=torch.uint8, pin_memory=True)"
+            )
+        return buffer.numel() // eb
+
     @staticmethod
     def row_bytes_view(tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """Row ``slot`` of a contiguous ``[slots, ...]`` tensor as flat uint8 (a view:

@@ -15,7 +15,7 @@ import pytest
 
 import numpy as np
 
-from controller.coverage import mirror_coverage, ready_mirrors
+from controller.coverage import mirror_coverage, mirrors_filled, ready_mirrors
 from elastic_ep.core.mirrors import needs_mirror
 from elastic_ep.tools.cli import main as cli_main, status
 from controller.records import CommitRecord, member_id
@@ -91,7 +91,7 @@ def check_status(cfg: Any, assigned: int, capsys: Any) -> None:
 def test_a_node_loss_reads_nothing_from_disk_once_the_mirrors_are_filled(ckpt: str, capsys: Any) -> None:
     with deployment(ckpt, float(1 << 30)) as (ctl, procs, client, root, c1):
         assert c1.mirrors is not None and c1.mirrors.count() > 0, "the bootstrap plan assigns mirrors"
-        cov = wait_until(lambda: (x := mirror_coverage(read_view(client, root))).pending == 0 and x, 30.0,
+        cov = wait_until(lambda: mirrors_filled(read_view(client, root)), 30.0,
                          "every assigned mirror row ready")
         print(f"mirrors: {cov.ready} rows ready; worst node loss {cov.worst_label}: {cov.worst_experts} experts")
         assert cov.domain_kind == "node" and cov.worst_experts == 0 and cov.ready == c1.mirrors.count()
@@ -136,6 +136,6 @@ def test_a_node_lost_while_mirrors_fill_reads_only_ready_rows(ckpt: str) -> None
         assert c2.bytes.get("disk", 0) == sum(len(m) for m in plan.missing) * EB
         assert mirrored, "the node chosen had experts whose only other copy was a ready mirror"
         # The survivors go on to fill what the new commit assigns them.
-        cov = wait_until(lambda: (x := mirror_coverage(read_view(client, root))).pending == 0 and x, 60.0,
+        cov = wait_until(lambda: mirrors_filled(read_view(client, root)), 60.0,
                          "the new assignment filled")
         assert cov.worst_experts == 0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from controller.controller import Controller, ControllerConfig, ModelShape
-from controller.coverage import mirror_coverage
+from controller.coverage import mirrors_filled
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import member_id
 from controller.view import read_view
@@ -71,7 +71,7 @@ def test_40_deepseek_v3_ranks_lose_a_node_and_read_nothing_from_disk(etcd):
         c1 = _wait(lambda: (c := read_committed(client, cfg.root)) and len(c.members) == 40 and c, 240,
                    "the bootstrap commit of 40 ranks")
         assert c1.mirrors is not None and c1.mirrors.count() > 5000, "most experts have one replica: mirrored"
-        cov = _wait(lambda: (x := mirror_coverage(read_view(client, cfg.root))).pending == 0 and x, 120,
+        cov = _wait(lambda: mirrors_filled(read_view(client, cfg.root)), 120,
                     "every mirror reported ready")
         assert cov.ready == c1.mirrors.count() and cov.worst_experts == 0, (cov.ready, cov.worst_experts)
         node = [f"sim-{i}" for i in range(24, 32)]

@@ -307,10 +307,7 @@ class PlanExecutor:
         """This process's host-memory mirror (flat uint8, ``rows * expert_bytes``, a
         packed expert a row): a plan's ``mirror`` sources on this rank name its rows,
         read by peers through the transport and copied here when this rank receives."""
-        eb = self.layout.expert_bytes
-        if mirror.dtype != torch.uint8 or mirror.dim() != 1 or mirror.numel() % eb or mirror.device.type != "cpu":
-            raise ConfigError(f"a mirror must be a flat CPU uint8 tensor of whole {eb}-byte rows, got "
-                              f"{mirror.dtype} {tuple(mirror.shape)} on {mirror.device}")
+        self.layout.check_mirror(mirror)
         self.mirror = mirror
         if self.transport is not None:
             self.transport.register_mirror(mirror)

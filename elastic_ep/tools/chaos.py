@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from controller.coverage import mirror_coverage
+from controller.coverage import mirrors_filled
 from controller.etcd_client import EtcdConfig, connect
 from controller.records import AckRecord, LoadRecord, PlanRecord, RankRecord, SuspectRecord, member_id
 from controller.view import ClusterView, read_view
@@ -700,8 +700,7 @@ class ChaosCluster:
         self.nodes_lost += 1
         ranks = [self.add_rank("--node", node) for _ in range(NODE_RANKS)]
         self._wait(self._stable, self.recover_timeout_s, f"node {node} ({ranks}) to join")
-        cov = self._wait(lambda: (x := mirror_coverage(self.read())).pending == 0 and x, self.recover_timeout_s,
-                         "every mirror filled")
+        cov = self._wait(lambda: mirrors_filled(self.read()), self.recover_timeout_s, "every mirror filled")
         self._seen, self._base_epoch = {}, self.read().committed.epoch  # the join read nothing of the node's
         struck = time.monotonic()
         for name in ranks:

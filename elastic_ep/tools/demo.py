@@ -162,10 +162,9 @@ class Demo:
     def _wait_mirrors(self, c: Any) -> None:
         """Wait until every rank filled the mirrors the commit assigned it, then say
         what they cover: the single node (or rank) whose loss would read the most."""
-        from controller.coverage import mirror_coverage
+        from controller.coverage import mirrors_filled
 
-        cov = self._wait(lambda: (lambda x: x if x.pending == 0 else None)(mirror_coverage(self._view())), 120,
-                         "the ranks' mirrors to fill")
+        cov = self._wait(lambda: mirrors_filled(self._view()), 120, "the ranks' mirrors to fill")
         per_rank = max((r.rows for r in cov.ranks), default=0) * self.spec.expert_bytes
         self.say(f"mirrors ready: {cov.ready} experts in host memory ({per_rank / 2**20:.2f} MiB budget per rank "
                  f"at most); worst single {cov.domain_kind} loss ({cov.worst_label or '-'}): "

@@ -362,19 +362,12 @@ class PeerTransport(ABC):
         must not be reallocated while registered."""
         if self.table is None:
             raise ConfigError(f"{self.name}: register_weights before register_mirror")
-        eb = self.layout.expert_bytes
-        if (buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous()
-                or buffer.device.type != "cpu" or buffer.numel() % eb):
-            raise ConfigError(
-                f"a mirror must be a flat contiguous CPU uint8 tensor of whole {eb}-byte rows, got "
-                f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}; allocate "
-                f"torch.empty(rows * {eb}, dtype=torch.uint8, pin_memory=True)"
-            )
+        rows = self.layout.check_mirror(buffer)
         if self.mirror is not None:
             self._deregister_mirror()
         self.mirror = buffer
         self.table = dataclasses.replace(
-            self.table, mirror_base=buffer.data_ptr(), mirror_rows=buffer.numel() // eb, mirror_device="cpu", mirror_device_id=0
+            self.table, mirror_base=buffer.data_ptr(), mirror_rows=rows, mirror_device="cpu", mirror_device_id=0
         )
         self._register_mirror()
 
@@ -583,12 +576,13 @@ class PeerTransport(ABC):
             self.mirror = None
 
     def _pack_own_read(self, layer: int, r: PeerRead, out: torch.Tensor) -> ConfigError | None:
-        """A read from this process itself: copied, or the ConfigError of a slot it lacks."""
-        assert self.table is not None
-        err = self.table.refuse(layer, r, self.me)
-        if err is None:
+        """A read from this process itself: copied, or the ConfigError of a slot it lacks
+        (:meth:`own_pieces` checks it)."""
+        try:
             self.pack_own(layer, r.src_slot, out)
-        return err
+        except ConfigError as e:
+            return e
+        return None
 
 
 class TwoSidedTransport(PeerTransport):

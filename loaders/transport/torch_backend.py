@@ -202,10 +202,10 @@ class TorchTransport(TwoSidedTransport):
         for s in sorted(sends, key=lambda s: (s.dst, s.src_slot)):
             if s.dst == self.me:
                 continue  # the matching read is copied locally, never received
-            if layer >= len(self.weights) or not self.table.holds(s.src_slot):
+            err = self.table.refuse(layer, PeerRead(self.me, s.src_slot, 0), self.me)
+            if err is not None:
                 # The reader checks the same (published) table and posts no receive.
-                log.warning("epoch %d layer %d: participant %d holds no slot %d to send to %d; skipped",
-                            self.epoch, layer, self.me, s.src_slot, s.dst)
+                log.warning("epoch %d: nothing to send to participant %d: %s; skipped", self.epoch, s.dst, err)
                 continue
             pieces = self.own_pieces(layer, s.src_slot)
             if self.table.is_mirror(s.src_slot) and self.staging.device.type != "cpu":
